@@ -1,0 +1,97 @@
+"""`semantic` encoder: MA-AGIQA's mPLUG-Owl2 features, one pooled LLM hidden state per prompt per image.
+
+`cfg` is the `extract.semantic` params section: `checkpoint` (hub id or local directory), `revision`,
+`prompts` (feature order), `pooling`, `hidden_layer`, optional `prompt_template`, and `demo: {seed, cache_dir}`.
+The demo profile builds a tiny random model from the seed, saves it in the released checkpoint layout under
+`demo.cache_dir` and loads it back through the same loader as the real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.encoders import register_encoder
+from pipeline.mplug_owl2.checkpoint import load_model, resolve_checkpoint, weights_digest
+from pipeline.mplug_owl2.extract import SemanticExtractor
+from pipeline.mplug_owl2.processing import (
+    PROMPT_TEMPLATE,
+    ImagePreprocessor,
+    build_prompt,
+    load_tokenizer,
+    tokenize_prompt,
+)
+from pipeline.mplug_owl2.tiny import ensure_tiny_checkpoint
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_CACHE_DIR = ".cache/agiqa"
+
+
+@register_encoder("semantic")
+class SemanticEncoder:
+    def __init__(self, cfg: dict[str, Any], profile: str, device: str = "cpu", dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"extract.semantic: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        prompts = cfg.get("prompts")
+        if not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise ValueError("extract.semantic.prompts must be a non-empty list of non-empty strings")
+        self.prompts = list(prompts)
+        self.template = cfg.get("prompt_template", PROMPT_TEMPLATE)
+        self.pooling, self.hidden_layer = cfg.get("pooling", "mean"), int(cfg.get("hidden_layer", -1))
+        self.dtype = dtype
+
+        if profile == "demo":
+            demo = cfg.get("demo") or {}
+            seed = int(demo.get("seed", 0))
+            directory = ensure_tiny_checkpoint(Path(demo.get("cache_dir", DEFAULT_CACHE_DIR)), seed)
+            self.source = {"checkpoint": f"tiny-random-seed{seed}", "weights_sha256": weights_digest(directory)}
+        else:
+            if not cfg.get("checkpoint"):
+                raise ValueError("extract.semantic.checkpoint is required (a hub id or a local directory)")
+            directory, commit = resolve_checkpoint(cfg["checkpoint"], cfg.get("revision"))
+            self.source = {"checkpoint": str(cfg["checkpoint"])}
+            # A hub commit pins the weights; a local folder is identified by its content.
+            self.source |= {"revision": commit} if commit else {"weights_sha256": weights_digest(directory)}
+
+        model = load_model(directory, dtype=DTYPES[dtype], device=device)
+        tokenizer = load_tokenizer(directory)
+        self.prompt_ids = [tokenize_prompt(build_prompt(q, self.template), tokenizer) for q in self.prompts]
+        self.extractor = SemanticExtractor(model, self.prompt_ids, self.pooling, self.hidden_layer)
+        self.preprocessor = ImagePreprocessor(model.cfg.vision.image_size)
+        self.feature_dim = model.cfg.hidden_size
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "encoder": "semantic",
+            "model": "mplug-owl2",
+            **self.source,
+            "prompts": self.prompts,
+            "prompt_template": self.template,
+            "prompt_token_ids": self.prompt_ids,
+            "pooling": self.pooling,
+            "hidden_layer": self.hidden_layer,
+            "dtype": self.dtype,
+            "resolution": self.preprocessor.resolution,
+            "preprocess": "expand2square(122,116,104)+clip-pil-bicubic",
+            "feature_dim": self.feature_dim,
+        }
+
+    def schema(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {"features": ((len(self.prompts), self.feature_dim), self._store_dtype)}
+
+    @property
+    def _store_dtype(self) -> str:
+        return "float32" if self.dtype == "float32" else "float16"  # HDF5 has no bfloat16
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.preprocessor(image)
+
+    def encode(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"features": self.extractor(pixels).cpu().numpy().astype(self._store_dtype)}
+
+    def extras(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        return {}

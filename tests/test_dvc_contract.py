@@ -1,0 +1,79 @@
+"""dvc.yaml declares exactly the params each stage reads, and params.yaml names only registered parts.
+
+A stage reading an undeclared key would go silently stale after `dvc exp run -S` on that key
+(dvc-practice G14); declaring keys it does not read re-runs it for nothing.
+"""
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.encoders import list_encoders
+from pipeline.heads import list_heads
+ROOT = Path(__file__).resolve().parents[1]
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _normalise(key: str) -> str:
+    """dvc.yaml's ${item} / ${item.x} -> the stage's {dataset} / {x} templates."""
+    key = re.sub(r"\$\{item\.(\w+)\}", r"{\1}", key)
+    return key.replace("${item}", "{dataset}")
+
+
+def _declared(stage: dict) -> set[str]:
+    body = stage.get("do", stage)
+    return {_normalise(p) for p in body.get("params", [])}
+
+
+def _module_params(stage_name: str) -> tuple:
+    if stage_name.startswith("train_"):
+        return importlib.import_module("stages.train").PARAMS[stage_name.removeprefix("train_")]
+    return importlib.import_module(f"stages.{stage_name}").PARAMS
+
+
+@pytest.mark.parametrize("stage_name", sorted(DVC))
+def test_declared_params_equal_what_the_stage_reads(stage_name):
+    assert _declared(DVC[stage_name]) == set(_module_params(stage_name))
+
+
+def test_every_train_family_has_a_stage():
+    families = importlib.import_module("stages.train").PARAMS
+    assert {f"train_{f}" for f in families} == {s for s in DVC if s.startswith("train_")}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "stages").glob("*.py")), ids=lambda p: p.name)
+def test_stages_read_params_only_through_read_params(path):
+    """Only stages/__init__.py may touch params.yaml directly; the rest go through PARAMS."""
+    if path.name == "__init__.py":
+        return
+    tree = ast.parse(path.read_text())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    modules = {a.module for a in ast.walk(tree) if isinstance(a, ast.ImportFrom)}
+    assert "safe_load" not in attrs and "yaml" not in names
+    assert "pipeline.params" not in modules and "params" not in {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names
+    }
+
+
+def test_params_name_registered_encoders_and_heads(params):
+    assert set(params["encoders"]) <= set(list_encoders())
+    assert set(params["probe"]["encoders"]) <= set(params["encoders"])
+    heads = set(list_heads())
+    assert set(params["ma_agiqa"]["variants"]) <= heads
+    assert set(params["ipiqa"]["variants"]) <= heads
+    for name in params["datasets"]:
+        assert name in params["data"], f"dataset {name} has no data.{name} section"
+
+
+def test_train_sections_build_typed_configs(params):
+    from pipeline.train import Recipe, RunConfig
+
+    RunConfig(**params["train"])
+    for family in ("probe", "ma_agiqa", "ipiqa"):
+        Recipe(**params[family]["recipe"])
