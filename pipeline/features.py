@@ -22,8 +22,13 @@ Batch = dict[str, torch.Tensor]
 class Features:
     """Row-aligned features of several stores (+ per-row extras such as ``prompt_index``)."""
 
-    def __init__(self, stores: dict[str, FeatureStore], image_ids: list[str], budget_bytes: int,
-                 extras: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        stores: dict[str, FeatureStore],
+        image_ids: list[str],
+        budget_bytes: int,
+        extras: dict[str, np.ndarray] | None = None,
+    ):
         for name, store in stores.items():
             if list(store.ids) != list(image_ids):
                 raise ValueError(
@@ -32,8 +37,9 @@ class Features:
                 )
         self.stores = stores
         self.extras = {k: torch.as_tensor(v) for k, v in (extras or {}).items()}
-        self.row_bytes = sum(int(np.prod(s.shape("features")[1:])) * s.dtype("features").itemsize
-                             for s in stores.values())
+        self.row_bytes = sum(
+            int(np.prod(s.shape("features")[1:])) * s.dtype("features").itemsize for s in stores.values()
+        )
         self.n_rows = len(image_ids)
         self.block_rows = max(1, budget_bytes // max(self.row_bytes, 1))
         self.resident: dict[str, torch.Tensor] | None = None
@@ -49,10 +55,11 @@ class Features:
         batch.update({k: v[rows] for k, v in self.extras.items()})
         return batch
 
-    def batches(self, rows: np.ndarray, batch_size: int, rng: np.random.Generator | None = None
-                ) -> Iterator[tuple[np.ndarray, Batch]]:
+    def batches(
+        self, rows: np.ndarray, batch_size: int, rng: np.random.Generator | None = None
+    ) -> Iterator[tuple[np.ndarray, Batch]]:
         """Yield (row indices, batch) over ``rows``; shuffled when ``rng`` is given."""
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.array(rows, dtype=np.int64)  # a copy: pandas 3 hands out read-only arrays
         order = rng.permutation(rows) if rng is not None else rows
         if self.resident is not None:
             for i in range(0, len(order), batch_size):
@@ -61,8 +68,10 @@ class Features:
             return
         for b in range(0, len(order), self.block_rows):
             block = np.sort(order[b : b + self.block_rows])
-            arrays = {name: torch.from_numpy(np.ascontiguousarray(s.read_rows("features", block)))
-                      for name, s in self.stores.items()}
+            arrays = {
+                name: torch.from_numpy(np.ascontiguousarray(s.read_rows("features", block)))
+                for name, s in self.stores.items()
+            }
             local = rng.permutation(len(block)) if rng is not None else np.arange(len(block))
             for i in range(0, len(local), batch_size):
                 sel = local[i : i + batch_size]

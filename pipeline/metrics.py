@@ -42,7 +42,9 @@ def fit_logistic(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
             return beta
     except RuntimeError:
         pass
-    warnings.warn("4-parameter logistic fit did not converge; PLCC/RMSE use the raw predictions", stacklevel=2)
+    warnings.warn(
+        "4-parameter logistic fit did not converge; PLCC/RMSE use the raw predictions", stacklevel=2
+    )
     return np.full(4, np.nan)
 
 

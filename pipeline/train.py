@@ -55,12 +55,15 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     select: str = "val"
+    target_norm: str = "zscore"
     memory_budget_gb: float = 4.0
     eval_batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.select not in ("val", "test_oracle"):
             raise ValueError(f"train.select must be val or test_oracle, got {self.select!r}")
+        if self.target_norm not in ("zscore", "none"):
+            raise ValueError(f"train.target_norm must be zscore or none, got {self.target_norm!r}")
 
     @property
     def torch_device(self) -> str:
@@ -110,20 +113,23 @@ def _score(pred: np.ndarray, target: np.ndarray) -> float:
     for j in range(target.shape[1]):
         if np.std(pred[:, j]) == 0:
             return -math.inf
-        total += stats.spearmanr(pred[:, j], target[:, j]).statistic + stats.pearsonr(pred[:, j], target[:, j]).statistic
+        total += (
+            stats.spearmanr(pred[:, j], target[:, j]).statistic
+            + stats.pearsonr(pred[:, j], target[:, j]).statistic
+        )
     return float(total)
 
 
 @torch.no_grad()
-def predict(head: nn.Module, features: Features, rows: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+def predict(
+    head: nn.Module, features: Features, rows: np.ndarray, batch_size: int, device: str
+) -> np.ndarray:
     """Predictions aligned with ``rows`` (streamed reads come back in block order)."""
     head.eval()
     seen, out = [], []
     for batch_rows, batch in features.batches(rows, batch_size):
         seen.append(batch_rows)
         out.append(head(features.to(batch, device)).float().cpu().numpy())
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
     position = {row: i for i, row in enumerate(np.concatenate(seen))}
     return np.concatenate(out)[[position[r] for r in rows]]
 
@@ -141,7 +147,8 @@ def train_split(
     select_on = "val" if run.select == "val" else "test"
     if len(parts[select_on]) < 3:
         raise ValueError(
-            f"select: {run.select} needs a '{select_on}' part of at least 3 images, got {len(parts[select_on])}; "
+            f"select: {run.select} needs a '{select_on}' part of at least 3 images, "
+            f"got {len(parts[select_on])}; "
             "use a protocol with a validation part (grouped_kfold, ma_agiqa_random) or select: test_oracle"
         )
     device = run.torch_device
@@ -149,7 +156,13 @@ def train_split(
     head = build().to(device)
     opt = _optimizer(head, recipe)
     sched = _scheduler(opt, recipe)
-    y = torch.tensor(targets, dtype=torch.float32)
+    # zscore: regress standardised MOS (train-part mean/std), map predictions back to MOS units.
+    # The papers regress raw MOS; with few steps a head then spends them moving its bias to ~3.
+    if run.target_norm == "zscore":
+        mean, std = targets[parts["train"]].mean(axis=0), targets[parts["train"]].std(axis=0) + 1e-8
+    else:
+        mean, std = np.zeros(targets.shape[1]), np.ones(targets.shape[1])
+    y = torch.tensor((targets - mean) / std, dtype=torch.float32)
     rng = np.random.default_rng(split_seed)
     best: SplitResult | None = None
     best_score = -math.inf
@@ -168,10 +181,21 @@ def train_split(
             losses.append(loss.item())
         if recipe.schedule == "cosine_epoch":
             sched.step()
-        preds = {p: predict(head, features, parts[p], run.eval_batch_size, device) for p in ("val", "test")}
+        preds = {
+            p: predict(head, features, parts[p], run.eval_batch_size, device) * std + mean
+            if len(parts[p])
+            else np.zeros((0, targets.shape[1]))
+            for p in ("val", "test")
+        }
         scores = {p: _score(preds[p], targets[parts[p]]) if len(parts[p]) >= 3 else math.nan for p in preds}
-        curves.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_score": scores["val"],
-                       "test_score": scores["test"]})
+        curves.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "val_score": scores["val"],
+                "test_score": scores["test"],
+            }
+        )
         if best is None or scores[select_on] > best_score:
             best_score = scores[select_on]
             best = SplitResult(epoch, copy.deepcopy(head.state_dict()), _frame(preds, parts, targets))

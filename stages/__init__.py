@@ -38,4 +38,6 @@ def read_manifest(path):
     import pandas as pd
 
     text = {c: str for c in ("image_id", "path", "prompt", "group", "generator", "variant")}
-    return pd.read_csv(path, dtype=text, keep_default_na=False, na_values={"mos_quality": [""], "mos_align": [""]})
+    return pd.read_csv(
+        path, dtype=text, keep_default_na=False, na_values={"mos_quality": [""], "mos_align": [""]}
+    )

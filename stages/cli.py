@@ -6,8 +6,10 @@ import importlib
 
 import typer
 
-app = typer.Typer(help="agiqa-pipeline stages. Normally run through `dvc repro`; see dvc.yaml for arguments.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="agiqa-pipeline stages. Normally run through `dvc repro`; see dvc.yaml for arguments.",
+    no_args_is_help=True,
+)
 
 for _name in ("prepare", "split", "extract", "train", "evaluate", "report"):
     _module = importlib.import_module(f"stages.{_name}")

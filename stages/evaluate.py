@@ -23,7 +23,9 @@ PARAMS = ("probe.encoders", "ma_agiqa.variants", "ipiqa.variants")
 
 def run_names(p: dict) -> list[str]:
     """The run folders the DAG trains, in dvc.yaml order (stale folders of removed runs are ignored)."""
-    return [f"probe_{e}" for e in p["probe.encoders"]] + list(p["ma_agiqa.variants"]) + list(p["ipiqa.variants"])
+    return (
+        [f"probe_{e}" for e in p["probe.encoders"]] + list(p["ma_agiqa.variants"]) + list(p["ipiqa.variants"])
+    )
 
 
 def evaluate_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
@@ -33,11 +35,19 @@ def evaluate_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
     rows = []
     for output in meta["outputs"]:
         for k, part in test.groupby("split"):
-            rows.append({"run": run_dir.name, "output": output, "split": k,
-                         **metrics.compute(part[f"pred_{output}"], part[f"target_{output}"])})
+            rows.append(
+                {
+                    "run": run_dir.name,
+                    "output": output,
+                    "split": k,
+                    **metrics.compute(part[f"pred_{output}"], part[f"target_{output}"]),
+                }
+            )
     per_split = pd.DataFrame(rows)
-    summary = {out: metrics.aggregate(per_split[per_split["output"] == out].to_dict("records"))
-               for out in meta["outputs"]}
+    summary = {
+        out: metrics.aggregate(per_split[per_split["output"] == out].to_dict("records"))
+        for out in meta["outputs"]
+    }
     summary["n_splits"] = int(test["split"].nunique())
     summary["select"] = meta["select"]
     summary["protocol"] = meta["protocol"]
@@ -53,7 +63,9 @@ def main(dataset: str, runs_dir: Path, out_dir: Path) -> None:
     for name in names:
         run_dir = runs_dir / name
         if not (run_dir / "run.json").exists():
-            raise FileNotFoundError(f"{run_dir}/run.json missing: run `dvc repro` for the train stage of {name}")
+            raise FileNotFoundError(
+                f"{run_dir}/run.json missing: run `dvc repro` for the train stage of {name}"
+            )
         summary[name], per_split = evaluate_run(run_dir)
         tables.append(per_split)
         pred = pd.read_csv(run_dir / "predictions.csv")

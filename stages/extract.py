@@ -38,7 +38,11 @@ class Images(Dataset):
 
 def chunk_batches(pending: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
     """Row-index batches that never cross a chunk boundary, so each chunk commits as it completes."""
-    return [list(range(s, min(s + batch_size, stop))) for start, stop in pending for s in range(start, stop, batch_size)]
+    return [
+        list(range(s, min(s + batch_size, stop)))
+        for start, stop in pending
+        for s in range(start, stop, batch_size)
+    ]
 
 
 def main(dataset: str, encoder: str, data_dir: Path, out: Path) -> None:
@@ -47,15 +51,21 @@ def main(dataset: str, encoder: str, data_dir: Path, out: Path) -> None:
     device = resolve_device(rt["device"])
     manifest = read_manifest(data_dir / "manifest.csv")
     root = Path(json.loads((data_dir / "source.json").read_text())["root"])
-    enc = create_encoder(encoder, p["extract.{encoder}"], p["profile"], device=device, dtype=p["extract.dtype"])
+    enc = create_encoder(
+        encoder, p["extract.{encoder}"], p["profile"], device=device, dtype=p["extract.dtype"]
+    )
     provenance = {**enc.provenance(), "dataset": dataset, "manifest_hash": manifest_hash(manifest)}
     ids = manifest["image_id"].tolist()
     with StoreWriter(out, ids, provenance, enc.schema(), chunk_rows=p["extract.chunk_rows"]) as writer:
         pending = writer.pending()
         todo = sum(stop - start for start, stop in pending)
         images = Images([root / path for path in manifest["path"]], enc.preprocess)
-        loader = DataLoader(images, batch_sampler=chunk_batches(pending, rt["batch_size"]),
-                            num_workers=rt["num_workers"], pin_memory=device.startswith("cuda"))
+        loader = DataLoader(
+            images,
+            batch_sampler=chunk_batches(pending, rt["batch_size"]),
+            num_workers=rt["num_workers"],
+            pin_memory=device.startswith("cuda"),
+        )
         chunks = iter(pending)
         start, stop = next(chunks, (0, 0))
         buffer: list[dict[str, np.ndarray]] = []
@@ -74,7 +84,10 @@ def main(dataset: str, encoder: str, data_dir: Path, out: Path) -> None:
             extras["text_prompts"] = np.array(prompts, dtype=object)
         for name, array in extras.items():
             writer.write_extra(name, array)
-    typer.echo(f"{dataset}/{encoder}: computed {todo} of {len(ids)} rows ({len(ids) - todo} resumed from {out}.partial)")
+    typer.echo(
+        f"{dataset}/{encoder}: computed {todo} of {len(ids)} rows "
+        f"({len(ids) - todo} resumed from {out}.partial)"
+    )
 
 
 if __name__ == "__main__":

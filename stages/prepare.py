@@ -26,8 +26,13 @@ def main(dataset: str, out_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if cfg["kind"] == "demo":
-        manifest = generate_demo(tmp, seed=cfg["seed"], n_prompts=cfg["n_prompts"],
-                                 images_per_prompt=cfg["images_per_prompt"], size=cfg["size"])
+        manifest = generate_demo(
+            tmp,
+            seed=cfg["seed"],
+            n_prompts=cfg["n_prompts"],
+            images_per_prompt=cfg["images_per_prompt"],
+            size=cfg["size"],
+        )
         root, source_root = tmp, out_dir
     else:
         manifest = load_labels(cfg["kind"], Path(cfg["labels"]), **cfg.get("options", {}))
@@ -35,8 +40,9 @@ def main(dataset: str, out_dir: Path) -> None:
     good, bad = check_images(manifest, root, on_bad_image=cfg.get("on_bad_image", "error"))
     good.to_csv(tmp / "manifest.csv", index=False)
     bad.to_csv(tmp / "bad_images.csv", index=False)
-    (tmp / "source.json").write_text(json.dumps({"dataset": dataset, "kind": cfg["kind"],
-                                                 "root": str(source_root)}, indent=2) + "\n")
+    (tmp / "source.json").write_text(
+        json.dumps({"dataset": dataset, "kind": cfg["kind"], "root": str(source_root)}, indent=2) + "\n"
+    )
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
     typer.echo(f"{dataset}: {len(good)} images in manifest, {len(bad)} skipped (bad_images.csv)")

@@ -18,30 +18,47 @@ COLUMNS = ("srcc", "krcc", "plcc", "plcc_raw", "rmse")
 
 
 def summary_table(dataset: str, runs: dict) -> list[str]:
-    lines = [f"### {dataset}", "",
-             "| run | output | splits | select | protocol | " + " | ".join(COLUMNS) + " |",
-             "|---" * (5 + len(COLUMNS)) + "|"]
+    lines = [
+        f"### {dataset}",
+        "",
+        "| run | output | splits | select | protocol | " + " | ".join(COLUMNS) + " |",
+        "|---" * (5 + len(COLUMNS)) + "|",
+    ]
     for run, res in runs.items():
         for output in ("quality", "alignment"):
             if output not in res:
                 continue
             cells = [f"{res[output][m]['mean']:.4f} ± {res[output][m]['std']:.4f}" for m in COLUMNS]
-            lines.append(f"| {run} | {output} | {res['n_splits']} | {res['select']} | {res['protocol']} | "
-                         + " | ".join(cells) + " |")
+            lines.append(
+                f"| {run} | {output} | {res['n_splits']} | {res['select']} | {res['protocol']} | "
+                + " | ".join(cells)
+                + " |"
+            )
     return [*lines, ""]
 
 
 def main(metrics_dir: Path, out_json: Path, out_md: Path) -> None:
     p = read_params(PARAMS)
     merged = {ds: json.loads((metrics_dir / ds / "metrics.json").read_text()) for ds in p["datasets"]}
-    numeric = {ds: {run: {k: v for k, v in res.items() if isinstance(v, dict | int)} for run, res in runs.items()}
-               for ds, runs in merged.items()}
+    numeric = {
+        ds: {run: {k: v for k, v in res.items() if isinstance(v, dict | int)} for run, res in runs.items()}
+        for ds, runs in merged.items()
+    }
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(numeric, indent=2) + "\n")
-    lines = ["# Results", "", f"Profile: `{p['profile']}`. Test-part metrics, mean ± std over splits "
-             "(PLCC and RMSE after the 4-parameter logistic fit; `plcc_raw` without it).", ""]
+    lines = [
+        "# Results",
+        "",
+        f"Profile: `{p['profile']}`. Test-part metrics, mean ± std over splits "
+        "(PLCC and RMSE after the 4-parameter logistic fit; `plcc_raw` without it).",
+        "",
+    ]
     if p["profile"] == "demo":
-        lines += ["Demo profile: synthetic images and tiny random backbones. These numbers say nothing about AGIQA.", ""]
+        lines += [
+            "Demo profile: synthetic images and tiny random backbones. "
+            "These numbers say nothing about AGIQA.",
+            "",
+        ]
     for ds, runs in merged.items():
         lines += summary_table(ds, runs)
     out_md.write_text("\n".join(lines))

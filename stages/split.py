@@ -16,7 +16,9 @@ def main(dataset: str, manifest: Path, out_dir: Path) -> None:
     cfg = read_params(PARAMS)["split"]
     protocol = cfg["protocol"]
     if protocol not in cfg:
-        raise KeyError(f"params.yaml: split.protocol is {protocol!r} but there is no split.{protocol} section")
+        raise KeyError(
+            f"params.yaml: split.protocol is {protocol!r} but there is no split.{protocol} section"
+        )
     splits = make_splits(protocol, read_manifest(manifest), **cfg[protocol])
     digest = write_splits(out_dir / "splits.json", protocol, cfg[protocol], splits)
     typer.echo(f"{dataset}: {protocol} -> {len(splits)} splits, hash {digest[:12]}")

@@ -37,19 +37,44 @@ def head_config(family: str, variant: str, p: dict[str, Any], prompts: list[str]
         cfg = p["probe"]
         return "probe", {"encoder": variant, **cfg["model"]}, cfg["recipe"]
     if family == "ma_agiqa":
-        cfg = p["ma_agiqa"]
-        return variant, {**cfg["model"], **p["fusion"]}, cfg["recipe"]
+        cfg, fusion = p["ma_agiqa"], p["fusion"]
+        branch = {"drop": fusion["drop"], **cfg["maniqa"]}
+        if variant == "maniqa":
+            return variant, branch, cfg["recipe"]
+        mixing = {k: fusion[k] for k in ("gate", "afm_width", "shared_hidden")}
+        if variant == "semantic_only":  # the two prompt experts alone: S = K = 2
+            return variant, {**branch, **mixing}, cfg["recipe"]
+        return (
+            variant,
+            {**branch, **mixing, "experts": fusion["experts"], "streams": fusion["streams"]},
+            cfg["recipe"],
+        )
     if family == "ipiqa":
         from pipeline.encoders.clip import build_clip_model
 
         cfg = p["ipiqa"]
-        clip = build_clip_model(p["extract.clip"], p["profile"])
-        return variant, {**cfg["model"], "clip_model": clip, "prompts": prompts}, cfg["recipe"]
+        qa_token = {False: "none", True: "unfrozen_wte"}.get(cfg["qa_token"], cfg["qa_token"])
+        kwargs = {
+            "qa_token": qa_token,
+            "fusion": cfg["fusion"],
+            "dropout": cfg["dropout"],
+            "head_scale": cfg["head_scale"],
+            "clip_model": build_clip_model(p["extract.clip"], p["profile"]),
+            "prompts": prompts,
+        }
+        return variant, kwargs, cfg["recipe"]
     raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
 
 
-def main(family: str, dataset: str, variant: str, manifest_path: Path, splits_path: Path,
-         features_dir: Path, out_dir: Path) -> None:
+def main(
+    family: str,
+    dataset: str,
+    variant: str,
+    manifest_path: Path,
+    splits_path: Path,
+    features_dir: Path,
+    out_dir: Path,
+) -> None:
     if family not in PARAMS:
         raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
     p = read_params(PARAMS[family])
@@ -71,8 +96,12 @@ def main(family: str, dataset: str, variant: str, manifest_path: Path, splits_pa
     if missing:
         raise FileNotFoundError(f"head {name!r} reads {missing} but {features_dir} has only {sorted(stores)}")
     prompt_index = manifest["prompt"].map({t: i for i, t in enumerate(prompts)}).to_numpy()
-    features = Features({i: stores[i] for i in inputs}, manifest["image_id"].tolist(),
-                        budget_bytes=int(run.memory_budget_gb * 2**30), extras={"prompt_index": prompt_index})
+    features = Features(
+        {i: stores[i] for i in inputs},
+        manifest["image_id"].tolist(),
+        budget_bytes=int(run.memory_budget_gb * 2**30),
+        extras={"prompt_index": prompt_index},
+    )
     results = train_protocol(build, features, manifest, splits["splits"], outputs, Recipe(**recipe), run)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,11 +109,20 @@ def main(family: str, dataset: str, variant: str, manifest_path: Path, splits_pa
         torch.save(result.state, out_dir / f"split{k}.pt")
     pd.concat([r.predictions for r in results]).to_csv(out_dir / "predictions.csv", index=False)
     pd.DataFrame([{"split": k, **c} for k, r in enumerate(results) for c in r.curves]).to_csv(
-        out_dir / "curves.csv", index=False)
+        out_dir / "curves.csv", index=False
+    )
     meta = {
-        "dataset": dataset, "family": family, "head": name, "variant": variant, "outputs": outputs,
-        "select": run.select, "protocol": splits["protocol"], "protocol_params": splits["params"],
-        "protocol_hash": splits["hash"], "recipe": recipe, "best_epochs": [r.best_epoch for r in results],
+        "dataset": dataset,
+        "family": family,
+        "head": name,
+        "variant": variant,
+        "outputs": outputs,
+        "select": run.select,
+        "protocol": splits["protocol"],
+        "protocol_params": splits["params"],
+        "protocol_hash": splits["hash"],
+        "recipe": recipe,
+        "best_epochs": [r.best_epoch for r in results],
         "stores": {i: stores[i].provenance for i in inputs},
     }
     (out_dir / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")

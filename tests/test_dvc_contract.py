@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.encoders import list_encoders
 from pipeline.heads import list_heads
+
 ROOT = Path(__file__).resolve().parents[1]
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

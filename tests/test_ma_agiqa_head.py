@@ -125,14 +125,14 @@ def test_float16_features_are_cast():
 
 
 def test_maniqa_head_is_weighted_mean_of_patch_scores():
-    torch.manual_seed(0)
+    torch.manual_seed(1)
     head = create_head("maniqa", 2, TINY_SHAPES, embed_dim=16, dim_mlp=24).eval()
     assert head.inputs == ("vit",)
     batch = {"vit": tiny_batch()["vit"]}
     with torch.no_grad():
         out = head(batch)
         f, w = head.maniqa(batch["vit"])
-    assert out.shape == (3, 2)
+    assert out.shape == (3, 2) and (f > 0).any()
     torch.testing.assert_close(out, (f * w).sum(dim=1) / w.sum(dim=1))
     assert ((out >= f.amin(dim=1) - 1e-6) & (out <= f.amax(dim=1) + 1e-6)).all()
 

@@ -1,4 +1,4 @@
-"""mPLUG-Owl2 parity with the original implementation's golden tensors (fp32, CPU) and 7B architecture facts."""
+"""mPLUG-Owl2 parity with the original's golden tensors (fp32, CPU) and facts about the 7B architecture."""
 
 import importlib.util
 import os
@@ -64,7 +64,9 @@ def test_last_hidden_state_is_after_the_final_norm(model, expected):
 def test_sincos_tables_match_the_original_buffers(fixture_dir, model):
     stored = load_file(fixture_dir / "model.safetensors")
     cfg = model.cfg.abstractor
-    query, key = abstractor_positions(cfg.hidden_size, cfg.num_learnable_queries, cfg.grid_size, torch.device("cpu"))
+    query, key = abstractor_positions(
+        cfg.hidden_size, cfg.num_learnable_queries, cfg.grid_size, torch.device("cpu")
+    )
     prefix = "model.visual_abstractor.encoder.layers.0.crossattention.attention"
     assert_close(query, stored[f"{prefix}.q_pos_embed"], atol=1e-6, rtol=0)
     assert_close(key, stored[f"{prefix}.k_pos_embed"], atol=1e-6, rtol=0)
@@ -100,7 +102,9 @@ def test_7b_architecture_matches_the_released_parameter_counts():
 
 
 def test_benchmark_builds_the_7b_model_on_meta():
-    spec = importlib.util.spec_from_file_location("semantic_throughput", ROOT / "benchmarks" / "semantic_throughput.py")
+    spec = importlib.util.spec_from_file_location(
+        "semantic_throughput", ROOT / "benchmarks" / "semantic_throughput.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     model = bench.build_model("7b", "meta", torch.bfloat16)

@@ -14,12 +14,19 @@ import numpy as np
 import pytest
 
 import pipeline
+from pipeline import store as store_module
 from pipeline.store import FeatureStore, StoreMismatch, StoreWriter, _spans
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = {"feat": ((3, 4), "float16"), "label": ((), "int64")}
 PROVENANCE = {"encoder": {"model": "tiny", "layers": [6, 7]}, "manifest_hash": "abc", "dtype": "float16"}
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """HDF5 chunks of a few rows, so that tiny test stores have many chunks, as real ones do."""
+    monkeypatch.setattr(store_module, "CHUNK_BYTES", 64)
 
 
 def ids_of(n: int) -> list[str]:
@@ -173,6 +180,20 @@ def test_bad_input_is_named(tmp_path):
             w.write(start, stop, fake_rows(start, stop))
 
 
+def test_write_extra_rewrites_only_changed_content(tmp_path):
+    path = tmp_path / "f.h5"
+    with StoreWriter(path, ids_of(2), PROVENANCE, SCHEMA) as w:
+        w.write(0, 2, fake_rows(0, 2))
+        w.write_extra("prompts", ["a cat", "ein Hund über"])
+        before = w.partial.read_bytes()
+        w.write_extra("prompts", np.array(["a cat", "ein Hund über"]))
+        assert w.partial.read_bytes() == before
+        w.write_extra("prompts", ["a cat", "a much longer prompt"])
+        with pytest.raises(ValueError, match="'feat'"):
+            w.write_extra("feat", np.zeros(3))
+    assert FeatureStore(path).read_all("prompts").tolist() == ["a cat", "a much longer prompt"]
+
+
 def test_compressed_store_round_trips(tmp_path):
     path = write_store(tmp_path / "f.h5", compression="gzip")
     with h5py.File(path) as f:
@@ -209,8 +230,10 @@ KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
 import numpy as np
+import pipeline.store
 from pipeline.store import StoreWriter
 
+pipeline.store.CHUNK_BYTES = 64  # HDF5 chunks of two rows, so the layout has many chunks
 out, log, delay = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 ids = [f"img{i:03d}" for i in range(24)]
 schema = {"feat": ((3, 5), "float16"), "label": ((), "int64")}
@@ -245,7 +268,7 @@ def test_sigkill_then_rerun_completes_without_recomputing(tmp_path):
             [sys.executable, str(script), str(path), str(log), str(delay)], env=env, cwd=ROOT
         )
 
-    proc = run(out, first, delay=0.3)
+    proc = run(out, first, delay=0.4)
     deadline = time.monotonic() + 60
     while len(logged_rows(first, "committed")) < 8:  # two chunks of 4 rows
         assert proc.poll() is None and time.monotonic() < deadline, "writer ended before it was killed"

@@ -19,15 +19,23 @@ def _dataset(tmp_path, seed=0):
     w = rng.normal(size=D)
     quality = x.astype(np.float64).mean(axis=1) @ w
     ids = [f"img{i:03d}" for i in range(N)]
-    manifest = pd.DataFrame({"image_id": ids, "prompt": [f"p{i % 30}" for i in range(N)],
-                             "mos_quality": quality, "mos_align": np.nan})
+    manifest = pd.DataFrame(
+        {
+            "image_id": ids,
+            "prompt": [f"p{i % 30}" for i in range(N)],
+            "mos_quality": quality,
+            "mos_align": np.nan,
+        }
+    )
     path = tmp_path / "vit.h5"
     with StoreWriter(path, ids, {"encoder": "vit"}, {"features": ((4, D), "float16")}, chunk_rows=64) as w_:
         for start, stop in w_.pending():
             w_.write(start, stop, {"features": x[start:stop]})
     perm = rng.permutation(ids)
-    splits = [{"train": list(perm[:160]), "val": list(perm[160:200]), "test": list(perm[200:])},
-              {"train": list(perm[80:]), "val": list(perm[40:80]), "test": list(perm[:40])}]
+    splits = [
+        {"train": list(perm[:160]), "val": list(perm[160:200]), "test": list(perm[200:])},
+        {"train": list(perm[80:]), "val": list(perm[40:80]), "test": list(perm[:40])},
+    ]
     return manifest, FeatureStore(path), splits
 
 
@@ -38,15 +46,21 @@ def _run(manifest, store, splits, budget=2**30, select="val", epochs=40):
         return create_head("probe", n_outputs=1, input_shapes=features.shapes, encoder="vit", hidden=0)
 
     recipe = Recipe(epochs=epochs, batch_size=16, lr=0.01, optimizer="adam")
-    return train_protocol(build, features, manifest, splits, ["quality"], recipe,
-                          RunConfig(select=select), progress=False)
+    return train_protocol(
+        build, features, manifest, splits, ["quality"], recipe, RunConfig(select=select), progress=False
+    )
 
 
 def _test_srcc(results):
     from scipy import stats
 
-    return [stats.spearmanr(r.predictions.query("part == 'test'")["pred_quality"],
-                            r.predictions.query("part == 'test'")["target_quality"]).statistic for r in results]
+    return [
+        stats.spearmanr(
+            r.predictions.query("part == 'test'")["pred_quality"],
+            r.predictions.query("part == 'test'")["target_quality"],
+        ).statistic
+        for r in results
+    ]
 
 
 def test_learns_linear_target_and_shuffled_control_does_not(tmp_path):

@@ -79,14 +79,17 @@ def _draw(content: Content, size: int, rs: np.random.RandomState) -> Image.Image
         draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=255)
     alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float64)[..., None] / 255
     shade = np.linspace(-18, 18, size)[:, None, None] * rs.choice([-1, 1])
-    background = np.clip(np.array(BACKGROUNDS[bg], dtype=np.float64) + shade, 0, 255)
+    # fine diagonal texture: the detail that blur and JPEG destroy, as real images have
+    yy, xx = np.mgrid[0:size, 0:size]
+    texture = 24 * np.sin(2 * np.pi * (xx + yy) / rs.uniform(3.0, 5.0) + rs.uniform(0, 2 * np.pi))[..., None]
+    background = np.clip(np.array(BACKGROUNDS[bg], dtype=np.float64) + shade + texture, 0, 255)
     pixels = background * (1 - alpha) + np.array(COLOURS[colour], dtype=np.float64) * alpha
     return Image.fromarray(np.rint(pixels).astype(np.uint8))
 
 
 def _degrade(image: Image.Image, kind: str, strength: float, rs: np.random.RandomState) -> Image.Image:
     if kind == "blur":
-        return image.filter(ImageFilter.GaussianBlur(radius=0.2 + 3.0 * strength))
+        return image.filter(ImageFilter.GaussianBlur(radius=0.2 + 1.8 * strength))
     if kind == "jpeg":
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=round(70 - 65 * strength))
@@ -95,9 +98,9 @@ def _degrade(image: Image.Image, kind: str, strength: float, rs: np.random.Rando
     pixels = np.asarray(image, dtype=np.float64)
     if kind == "noise":
         pixels = pixels + rs.normal(0.0, 3.0 + 45.0 * strength, size=pixels.shape)
-    else:  # cast: push every channel towards a random tint
-        tint = rs.uniform(-1, 1, size=3)
-        pixels = pixels * (1 + 0.5 * strength * tint) + 60 * strength * tint
+    else:  # cast: wash towards a sepia tint and lose contrast, as over-stylised renders do
+        grey = pixels.mean(axis=2, keepdims=True)
+        pixels = (1 - strength) * pixels + strength * (0.6 * grey + np.array([70.0, 45.0, 10.0]))
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 

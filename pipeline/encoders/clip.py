@@ -29,7 +29,22 @@ def build_clip_model(cfg: dict[str, Any], profile: str) -> torch.nn.Module:
     else:
         torch.manual_seed(int(cfg["demo"]["seed"]))
         model = open_clip.create_model(cfg["demo"]["model"], pretrained=None)
+        _variance_preserving_trunk(model.visual)
     return model.eval().requires_grad_(False)
+
+
+def _variance_preserving_trunk(visual: torch.nn.Module) -> None:
+    """He-initialise a random demo trunk so its features keep unit scale.
+
+    open_clip zero-initialises each bottleneck's last BatchNorm (right for training from scratch),
+    which makes a *frozen* random ResNet shrink activations ~1000x; the demo needs features a head
+    can read. Only the demo profile calls this.
+    """
+    for module in visual.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(module.weight)
 
 
 @register_encoder("clip")

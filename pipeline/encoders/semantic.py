@@ -1,7 +1,7 @@
 """`semantic` encoder: MA-AGIQA's mPLUG-Owl2 features, one pooled LLM hidden state per prompt per image.
 
 `cfg` is the `extract.semantic` params section: `checkpoint` (hub id or local directory), `revision`,
-`prompts` (feature order), `pooling`, `hidden_layer`, optional `prompt_template`, and `demo: {seed, cache_dir}`.
+`prompts` (feature order), `pooling`, `hidden_layer`, optional `prompt_template`, `demo: {seed, cache_dir}`.
 The demo profile builds a tiny random model from the seed, saves it in the released checkpoint layout under
 `demo.cache_dir` and loads it back through the same loader as the real model.
 """
@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.encoders import register_encoder
 from pipeline.mplug_owl2.checkpoint import load_model, resolve_checkpoint, weights_digest
-from pipeline.mplug_owl2.extract import SemanticExtractor
+from pipeline.mplug_owl2.extract import POOLINGS, SemanticExtractor
 from pipeline.mplug_owl2.processing import (
     PROMPT_TEMPLATE,
     ImagePreprocessor,
@@ -41,14 +41,22 @@ class SemanticEncoder:
             raise ValueError("extract.semantic.prompts must be a non-empty list of non-empty strings")
         self.prompts = list(prompts)
         self.template = cfg.get("prompt_template", PROMPT_TEMPLATE)
+        chats = [build_prompt(q, self.template) for q in self.prompts]  # refuse a bad template before loading
         self.pooling, self.hidden_layer = cfg.get("pooling", "mean"), int(cfg.get("hidden_layer", -1))
-        self.dtype = dtype
+        if self.pooling not in POOLINGS:
+            raise ValueError(
+                f"extract.semantic.pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}"
+            )
+        self.profile, self.dtype = profile, dtype
 
         if profile == "demo":
             demo = cfg.get("demo") or {}
             seed = int(demo.get("seed", 0))
             directory = ensure_tiny_checkpoint(Path(demo.get("cache_dir", DEFAULT_CACHE_DIR)), seed)
-            self.source = {"checkpoint": f"tiny-random-seed{seed}", "weights_sha256": weights_digest(directory)}
+            self.source = {
+                "checkpoint": f"tiny-random-seed{seed}",
+                "weights_sha256": weights_digest(directory),
+            }
         else:
             if not cfg.get("checkpoint"):
                 raise ValueError("extract.semantic.checkpoint is required (a hub id or a local directory)")
@@ -59,7 +67,7 @@ class SemanticEncoder:
 
         model = load_model(directory, dtype=DTYPES[dtype], device=device)
         tokenizer = load_tokenizer(directory)
-        self.prompt_ids = [tokenize_prompt(build_prompt(q, self.template), tokenizer) for q in self.prompts]
+        self.prompt_ids = [tokenize_prompt(chat, tokenizer) for chat in chats]
         self.extractor = SemanticExtractor(model, self.prompt_ids, self.pooling, self.hidden_layer)
         self.preprocessor = ImagePreprocessor(model.cfg.vision.image_size)
         self.feature_dim = model.cfg.hidden_size
@@ -67,6 +75,7 @@ class SemanticEncoder:
     def provenance(self) -> dict[str, Any]:
         return {
             "encoder": "semantic",
+            "profile": self.profile,
             "model": "mplug-owl2",
             **self.source,
             "prompts": self.prompts,
@@ -74,24 +83,20 @@ class SemanticEncoder:
             "prompt_token_ids": self.prompt_ids,
             "pooling": self.pooling,
             "hidden_layer": self.hidden_layer,
-            "dtype": self.dtype,
+            "compute_dtype": self.dtype,
             "resolution": self.preprocessor.resolution,
             "preprocess": "expand2square(122,116,104)+clip-pil-bicubic",
             "feature_dim": self.feature_dim,
         }
 
     def schema(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {"features": ((len(self.prompts), self.feature_dim), self._store_dtype)}
-
-    @property
-    def _store_dtype(self) -> str:
-        return "float32" if self.dtype == "float32" else "float16"  # HDF5 has no bfloat16
+        return {"features": ((len(self.prompts), self.feature_dim), "float16")}  # as MA-AGIQA saves them
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.preprocessor(image)
 
     def encode(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
-        return {"features": self.extractor(pixels).cpu().numpy().astype(self._store_dtype)}
+        return {"features": self.extractor(pixels).cpu().numpy().astype(np.float16)}
 
     def extras(self, prompts: list[str]) -> dict[str, np.ndarray]:
         return {}

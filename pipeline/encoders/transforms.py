@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 
 
-def resize_normalize(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def resize_normalize(
+    image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """RGB PIL image -> float32 (3, size, size), bicubic resize, (x/255 - mean) / std."""
     resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)

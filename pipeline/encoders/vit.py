@@ -29,16 +29,20 @@ class ViTTokens:
         self.blocks = [int(b) for b in cfg["blocks"]]
         if profile == "paper":
             name = f"{cfg['model']}.{cfg['pretrained']}" if cfg.get("pretrained") else cfg["model"]
-            self.model = timm.create_model(name, pretrained=True, num_classes=0)
+            self.model = timm.create_model(
+                name, pretrained=True, num_classes=0, img_size=int(cfg["img_size"])
+            )
         else:
             torch.manual_seed(int(cfg["demo"]["seed"]))
             overrides = {k: v for k, v in cfg["demo"].items() if k != "seed"}
             self.model = timm.create_model(cfg["model"], pretrained=False, num_classes=0, **overrides)
         if max(self.blocks) >= len(self.model.blocks):
-            raise ValueError(f"extract.vit.blocks {self.blocks} but the model has {len(self.model.blocks)} blocks")
+            raise ValueError(
+                f"extract.vit.blocks {self.blocks} but the model has {len(self.model.blocks)} blocks"
+            )
         self.model.eval().requires_grad_(False).to(device=device, dtype=self.dtype)
         data_cfg = self.model.pretrained_cfg
-        self.size = int(cfg["img_size"])
+        self.size = int(self.model.patch_embed.img_size[0])
         self.mean, self.std = data_cfg.get("mean", (0.5, 0.5, 0.5)), data_cfg.get("std", (0.5, 0.5, 0.5))
         grid = self.size // self.model.patch_embed.patch_size[0]
         self.shape = (grid * grid, len(self.blocks) * self.model.embed_dim)

@@ -9,20 +9,19 @@ from pipeline.heads import register_head
 
 
 def pool(x: torch.Tensor) -> torch.Tensor:
-    """One vector per image from any cached layout.
+    """Mean and std over positions, concatenated: one vector per image from any cached layout.
 
-    (B, N, C) ViT tokens -> mean over tokens; (B, C, H, W) CNN map -> mean over space;
-    (B, P, D) per-prompt vectors are also 3-D, so ``Probe`` flattens those instead (``flatten``).
+    (B, N, C) ViT tokens pool over tokens, (B, C, H, W) CNN maps over space. The std carries the
+    local-contrast statistics (noise, blur, blocking) that a mean washes out, as in classic IQA
+    statistic pooling. (B, P, D) per-prompt vectors are also 3-D, so ``Probe`` flattens those.
     """
-    if x.ndim == 4:
-        return x.mean(dim=(2, 3))
-    if x.ndim == 3:
-        return x.mean(dim=1)
-    return x
+    tokens = x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
+    return torch.cat([tokens.mean(dim=1), tokens.std(dim=1)], dim=1)
 
 
 class Probe(nn.Module):
-    """pool -> LayerNorm -> Linear (hidden=0) or Linear-GELU-Dropout-Linear."""
+    """pool -> BatchNorm (features standardised over the data, as a classic probe z-scores them)
+    -> Linear (hidden=0) or Linear-GELU-Dropout-Linear."""
 
     def __init__(
         self,
@@ -36,8 +35,9 @@ class Probe(nn.Module):
         super().__init__()
         self.inputs = (encoder,)
         self.flatten = flatten
-        dim = in_shape[0] * in_shape[1] if flatten else (in_shape[0] if len(in_shape) == 3 else in_shape[-1])
-        layers: list[nn.Module] = [nn.LayerNorm(dim)]
+        channels = in_shape[0] if len(in_shape) == 3 else in_shape[-1]
+        dim = in_shape[0] * in_shape[1] if flatten else 2 * channels
+        layers: list[nn.Module] = [nn.BatchNorm1d(dim, affine=False)]
         if hidden:
             layers += [nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_outputs)]
         else:

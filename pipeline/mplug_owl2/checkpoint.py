@@ -1,11 +1,11 @@
 """Load and save mPLUG-Owl2 checkpoints in the original layout (config.json + weight shards).
 
-The released checkpoint is 33 pickled shards `pytorch_model-{k}-of-33.bin` with `pytorch_model.bin.index.json`;
-safetensors (single or sharded) are read too. Names map 1:1 onto `MplugOwl2`'s parameters, except the
-buffers the original stored but that are computed here (RoPE `inv_freq`, the abstractor's sin-cos tables)
-and `lm_head.weight` when logits are not wanted. Anything else missing or left over is an error naming the
-key. The model is built on the meta device and filled shard by shard, so host memory holds one shard at a
-time (plus the model itself when the target device is the CPU).
+The released checkpoint is 33 pickled shards `pytorch_model-{k}-of-33.bin` plus
+`pytorch_model.bin.index.json`; safetensors (single or sharded) are read too. Names map 1:1 onto
+`MplugOwl2`'s parameters, except the buffers the original stored but that are computed here (RoPE
+`inv_freq`, the abstractor's sin-cos tables) and `lm_head.weight` when logits are not wanted. Anything else
+missing or left over is an error naming the key. The model is built on the meta device and filled shard by
+shard, so host memory holds one shard at a time (plus the model itself when the target device is the CPU).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -41,20 +42,22 @@ def resolve_checkpoint(source: str | Path, revision: str | None = None) -> tuple
         return path, None
     if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         raise CheckpointError(f"checkpoint {str(source)!r} is neither a local directory nor a hub repo id")
-    from huggingface_hub import snapshot_download
 
-    metadata = ["*.json", "tokenizer.model"]
+    def fetch(weights: str) -> Path:
+        patterns = ["*.json", "tokenizer.model", weights]
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=patterns))
+
     try:
-        directory = Path(snapshot_download(str(source), revision=revision, allow_patterns=[*metadata, "*.safetensors"]))
+        directory = fetch("*.safetensors")
         if not any(directory.glob("*.safetensors")):
-            directory = Path(snapshot_download(str(source), revision=revision, allow_patterns=[*metadata, "*.bin"]))
+            directory = fetch("*.bin")
     except Exception as e:  # huggingface_hub raises many types; say what was asked for
-        raise CheckpointError(f"cannot get checkpoint {source!r} (revision {revision!r}) from the hub: {e}") from e
+        raise CheckpointError(f"cannot get checkpoint {source!r} (revision {revision!r}): {e}") from e
     return directory, directory.name
 
 
-def weight_shards(directory: Path) -> dict[str, list[str] | None]:
-    """Shard file name -> the keys the index puts in it (None for a single-file checkpoint)."""
+def weight_shards(directory: Path) -> tuple[Path, dict[str, list[str] | None]]:
+    """The index (or the single weight file), and each shard file with the keys the index assigns it."""
     for name in INDEX_FILES:
         index = directory / name
         if index.exists():
@@ -62,17 +65,17 @@ def weight_shards(directory: Path) -> dict[str, list[str] | None]:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index}: not a weight index ({e!r})") from None
-            shards: dict[str, list[str]] = {}
+            shards: dict[str, list[str] | None] = {}
             for key, file in weight_map.items():
                 shards.setdefault(file, []).append(key)
             missing = sorted(f for f in shards if not (directory / f).is_file())
             if missing:
-                raise CheckpointError(f"{index}: shard file(s) missing from {directory}: {', '.join(missing)}")
-            return shards
+                raise CheckpointError(f"{index}: shard file(s) not in {directory}: {', '.join(missing)}")
+            return index, shards
     for name in SINGLE_FILES:
         if (directory / name).is_file():
-            return {name: None}
-    raise CheckpointError(f"{directory}: no weights found (looked for {', '.join(INDEX_FILES + SINGLE_FILES)})")
+            return directory / name, {name: None}  # keys unknown until it is read
+    raise CheckpointError(f"{directory}: no weights (looked for {', '.join(INDEX_FILES + SINGLE_FILES)})")
 
 
 def read_shard(path: Path) -> dict[str, Tensor]:
@@ -124,16 +127,16 @@ def load_model(
         model = MplugOwl2(cfg, lm_head=lm_head)
     expected = {name: p.shape for name, p in model.state_dict().items()}
     ignored = computed_keys(cfg) | (set() if lm_head else {"lm_head.weight"})
-    shards = weight_shards(directory)
+    index, shards = weight_shards(directory)
     if all(keys is not None for keys in shards.values()):  # fail before reading gigabytes
-        index_keys = {k for keys in shards.values() for k in keys}
-        _check_keys(index_keys, set(expected), ignored, str(directory / next(n for n in INDEX_FILES if (directory / n).exists())))
+        _check_keys({k for keys in shards.values() for k in keys}, set(expected), ignored, str(index))
     loaded: set[str] = set()
     for file, listed in shards.items():
         path = directory / file
         tensors = read_shard(path)
         if listed is not None and set(tensors) != set(listed):
-            raise CheckpointError(f"{path}: holds keys other than the index lists: {_name_keys(set(tensors) ^ set(listed))}")
+            differ = _name_keys(set(tensors) ^ set(listed))
+            raise CheckpointError(f"{path}: its keys differ from what {index.name} lists: {differ}")
         batch = {}
         for key, tensor in tensors.items():
             if key in ignored:
@@ -141,12 +144,13 @@ def load_model(
             if key not in expected:
                 raise CheckpointError(f"{path}: unexpected key {key!r} for this config")
             if tensor.shape != expected[key]:
-                raise CheckpointError(f"{path}: {key} has shape {list(tensor.shape)}, expected {list(expected[key])}")
+                want = list(expected[key])
+                raise CheckpointError(f"{path}: {key} has shape {list(tensor.shape)}, expected {want}")
             batch[key] = tensor.to(device=device, dtype=dtype)
         model.load_state_dict(batch, strict=False, assign=True)
         loaded |= batch.keys()
         del tensors, batch
-    _check_keys(loaded, set(expected), set(), str(directory))
+    _check_keys(loaded, set(expected), set(), str(index))
     return model.requires_grad_(False).eval()
 
 
@@ -166,15 +170,15 @@ def state_digest(tensors: dict[str, Tensor]) -> str:
 
 
 def weights_digest(directory: Path) -> str:
-    """`state_digest` of a checkpoint's stored tensors, read shard by shard: the same for any sharding or format."""
+    """`state_digest` of a checkpoint's stored tensors, read shard by shard; any sharding or format."""
     hashes = {}
-    for file in weight_shards(directory):
+    for file in weight_shards(directory)[1]:
         hashes |= {key: _tensor_hash(key, t) for key, t in read_shard(directory / file).items()}
     return _combine(hashes)
 
 
 def save_checkpoint(model: MplugOwl2, directory: Path, safetensors: bool = False) -> None:
-    """Write config.json and the weights in the original sharding: one shard per decoder layer, then the rest."""
+    """Write config.json and weights sharded as the original: one shard per decoder layer, then the rest."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     n = model.cfg.num_hidden_layers
@@ -191,7 +195,9 @@ def save_checkpoint(model: MplugOwl2, directory: Path, safetensors: bool = False
             torch.save(shard, directory / name)
         weight_map |= dict.fromkeys(keys, name)
     total = sum(t.numel() * t.element_size() for t in state.values())
-    index = INDEX_FILES[0] if safetensors else INDEX_FILES[1]
-    (directory / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps({**model.cfg.to_dict(), "torch_dtype": dtype}, indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILES[0 if safetensors else 1]).write_text(json.dumps(index, indent=2))
+    config = model.cfg.to_dict() | {
+        "torch_dtype": str(next(iter(state.values())).dtype).removeprefix("torch.")
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))

@@ -71,17 +71,18 @@ class MplugOwl2Config:
 
     def __post_init__(self) -> None:
         v, a = self.vision, self.abstractor
-        checks = {
-            "hidden_size must be divisible by num_attention_heads": self.hidden_size % self.num_attention_heads
-            == 0,
-            "visual_model.image_size must be a multiple of patch_size": v.image_size % v.patch_size == 0,
-            "visual_abstractor.encoder_hidden_size must equal visual_model.hidden_size": a.encoder_hidden_size
-            == v.hidden_size,
-            "visual_abstractor.hidden_size must equal encoder_hidden_size": a.hidden_size == a.encoder_hidden_size,
-            "visual_abstractor.grid_size must equal image_size / patch_size": a.grid_size == v.grid,
-            "visual_abstractor.hidden_size must be divisible by 4 (2-D sin-cos positions)": a.hidden_size % 4 == 0,
-        }
-        failed = [msg for msg, ok in checks.items() if not ok]
+        checks = [
+            (self.hidden_size % self.num_attention_heads == 0, "hidden_size % num_attention_heads != 0"),
+            (v.image_size % v.patch_size == 0, "visual_model: image_size % patch_size != 0"),
+            (
+                a.encoder_hidden_size == v.hidden_size,
+                "visual_abstractor: encoder_hidden_size != vision width",
+            ),
+            (a.hidden_size == a.encoder_hidden_size, "visual_abstractor: hidden_size != encoder_hidden_size"),
+            (a.grid_size == v.grid, "visual_abstractor: grid_size != image_size / patch_size"),
+            (a.hidden_size % 4 == 0, "visual_abstractor: hidden_size must be a multiple of 4 (2-D sin-cos)"),
+        ]
+        failed = [msg for ok, msg in checks if not ok]
         if failed:
             raise ConfigError("; ".join(failed))
 
@@ -92,7 +93,7 @@ class MplugOwl2Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> MplugOwl2Config:
-        """Parse an original config.json dict; refuse other models and settings this port does not implement."""
+        """Parse an original config.json dict; refuse other models and settings this port lacks."""
         if d.get("model_type") != MODEL_TYPE:
             raise ConfigError(f"{source}: model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
         visual = d.get("visual_config") or {}
@@ -116,8 +117,14 @@ class MplugOwl2Config:
                 raise ConfigError(f"{source}: {key}={got!r} is not supported (this port implements {want!r})")
         if va.get("grid_size") is None:  # the original treats a null grid_size as 32
             va = {**va, "grid_size": 32}
-        vision, abstractor = VisionConfig(**_pick(VisionConfig, vm)), AbstractorConfig(**_pick(AbstractorConfig, va))
-        return cls(**_pick(cls, d), vision=vision, abstractor=abstractor)
+        try:
+            vision, abstractor = (
+                VisionConfig(**_pick(VisionConfig, vm)),
+                AbstractorConfig(**_pick(AbstractorConfig, va)),
+            )
+            return cls(**_pick(cls, d), vision=vision, abstractor=abstractor)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> MplugOwl2Config:
@@ -132,7 +139,7 @@ class MplugOwl2Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The original config.json layout, so a saved checkpoint reads like a released one."""
-        top = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("vision", "abstractor")}
+        top = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("vision", "abstractor")}
         return {
             "architectures": ["MPLUGOwl2LlamaForCausalLM"],
             "model_type": MODEL_TYPE,
@@ -163,4 +170,3 @@ class MplugOwl2Config:
 def _pick(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)} - {"vision", "abstractor"}
     return {k: v for k, v in d.items() if k in names}
-

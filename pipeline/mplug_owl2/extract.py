@@ -38,7 +38,7 @@ class Prefixes:
 
 
 class SemanticExtractor:
-    """`extractor(pixels (B, 3, H, W)) -> (B, P, C)` float32 features, one row per prompt, on the model's device.
+    """`extractor(pixels (B, 3, H, W)) -> (B, P, C)` float32 features, one per prompt, on the model's device.
 
     `prompt_ids` are token id lists with exactly one IMAGE_TOKEN_INDEX (see `processing.tokenize_prompt`).
     `hidden_layer` indexes the hidden states like transformers' `output_hidden_states` (0 = embeddings,
@@ -47,7 +47,11 @@ class SemanticExtractor:
     """
 
     def __init__(
-        self, model: MplugOwl2, prompt_ids: Sequence[Sequence[int]], pooling: str = "mean", hidden_layer: int = -1
+        self,
+        model: MplugOwl2,
+        prompt_ids: Sequence[Sequence[int]],
+        pooling: str = "mean",
+        hidden_layer: int = -1,
     ):
         n = model.cfg.num_hidden_layers
         if pooling not in POOLINGS:
@@ -121,10 +125,11 @@ class SemanticExtractor:
             x[q::p, nv : nv + len(suffix)] = model.embed_tokens(suffix)
         visual = step < nv
         modality = visual.long().expand(rows, -1)
-        positions = pre.lengths[prompt][:, None] + step
+        prefix_len = pre.lengths[prompt]
+        positions = prefix_len[:, None] + step
         # Each row attends to its own prompt's real prefix and, causally, to its own tokens.
         t = pre.kv[0][0].shape[2] if pre.kv else 0
-        sees_prefix = (torch.arange(t, device=self.device)[None, :] < pre.lengths[prompt][:, None])[:, None, :]
+        sees_prefix = torch.arange(t, device=self.device) < prefix_len[:, None, None]  # (rows, 1, t)
         causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
         mask = torch.cat([sees_prefix.expand(-1, width, -1), causal.expand(rows, -1, -1)], dim=2)[:, None]
         past = [(k[prompt], v[prompt]) for k, v in pre.kv]

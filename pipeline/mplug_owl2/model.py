@@ -125,10 +125,11 @@ def sincos_1d(dim: int, positions: Tensor) -> Tensor:
     return torch.cat([angle.sin(), angle.cos()], dim=1)
 
 
-def abstractor_positions(dim: int, num_queries: int, grid: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def abstractor_positions(dim: int, queries: int, grid: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Query table (Q, dim) and key table (1 + grid², dim): a zero CLS row, then [column ‖ row] halves."""
-    query = sincos_1d(dim, torch.arange(num_queries, device=device))
-    rows, cols = torch.meshgrid(torch.arange(grid, device=device), torch.arange(grid, device=device), indexing="ij")
+    query = sincos_1d(dim, torch.arange(queries, device=device))
+    index = torch.arange(grid, device=device)
+    rows, cols = torch.meshgrid(index, index, indexing="ij")
     patches = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
     return query, torch.cat([patches.new_zeros(1, dim), patches])
 
@@ -156,7 +157,9 @@ class CrossAttention(nn.Module):
         # The original builds these three LayerNorms without an eps, so they use PyTorch's default 1e-5.
         self.norm1, self.normk = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attention = nn.ModuleDict({name: nn.Linear(d, d) for name in ("query", "key", "value")})
-        self.output = nn.ModuleDict({"out_proj": nn.Linear(d, d), "norm2": nn.LayerNorm(d), "mlp": AbstractorMLP(cfg)})
+        self.output = nn.ModuleDict(
+            {"out_proj": nn.Linear(d, d), "norm2": nn.LayerNorm(d), "mlp": AbstractorMLP(cfg)}
+        )
 
     def forward(self, x: Tensor, vision: Tensor, pos_q: Tensor, pos_kv: Tensor) -> Tensor:
         qn = self.norm1(x)
@@ -164,7 +167,8 @@ class CrossAttention(nn.Module):
         q = split_heads(self.attention.query(qn + pos_q), self.heads)
         k = split_heads(self.attention.key(kv + pos_kv), self.heads)
         v = split_heads(self.attention.value(kv), self.heads)  # values get no positions
-        y = qn + self.output.out_proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))  # residual: qn, not x
+        attn = merge_heads(F.scaled_dot_product_attention(q, k, v))
+        y = qn + self.output.out_proj(attn)  # the residual starts from the normalised queries, not from x
         return y + self.output.mlp(self.output.norm2(y))
 
 
@@ -175,13 +179,17 @@ class VisualAbstractor(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.query_embeds = nn.Parameter(torch.zeros(1, cfg.num_learnable_queries, cfg.hidden_size))
-        self.encoder = Stack([nn.ModuleDict({"crossattention": CrossAttention(cfg)}) for _ in range(cfg.num_hidden_layers)])
+        self.encoder = Stack(
+            [nn.ModuleDict({"crossattention": CrossAttention(cfg)}) for _ in range(cfg.num_hidden_layers)]
+        )
         self.visual_fc = nn.Linear(cfg.hidden_size, llm_width)
         self.vit_eos = nn.Parameter(torch.zeros(1, 1, llm_width))
 
     def forward(self, vision: Tensor) -> Tensor:
         cfg, b = self.cfg, vision.shape[0]
-        pos_q, pos_k = abstractor_positions(cfg.hidden_size, cfg.num_learnable_queries, cfg.grid_size, vision.device)
+        pos_q, pos_k = abstractor_positions(
+            cfg.hidden_size, cfg.num_learnable_queries, cfg.grid_size, vision.device
+        )
         pos_q, pos_kv = pos_q.to(vision.dtype), torch.cat([pos_q, pos_k]).to(vision.dtype)
         x = self.query_embeds.expand(b, -1, -1)
         for layer in self.encoder.layers:
@@ -241,7 +249,8 @@ class Multiway(nn.Module):
 
 def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin of shape (B, 1, L, head_dim) for integer positions (B, L); angles in float32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+    inv_freq = 1.0 / theta**exponent
     angle = positions.float()[..., None] * inv_freq
     emb = torch.cat([angle, angle], dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -342,7 +351,8 @@ class MplugOwl2Model(nn.Module):
         """
         n = len(self.layers)
         route = Route.from_modality(modality)
-        rope = rope_tables(positions, x.shape[-1] // self.cfg.num_attention_heads, self.cfg.rope_theta, x.dtype)
+        head_dim = x.shape[-1] // self.cfg.num_attention_heads
+        rope = rope_tables(positions, head_dim, self.cfg.rope_theta, x.dtype)
         states, kvs = [x], []
         for i, layer in enumerate(self.layers[: min(upto, n)]):
             x, kv = layer(x, route, rope, None if past is None else past[i], mask)
@@ -376,11 +386,13 @@ class MplugOwl2(nn.Module):
         for row, (ids, image) in enumerate(zip(input_ids, image_features, strict=True)):
             where = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
             if len(where) != 1:
-                raise ValueError(f"input_ids row {row} must contain exactly one image token, found {len(where)}")
+                raise ValueError(f"input_ids row {row}: expected one image token, found {len(where)}")
             t = where[0]
             text = self.model.embed_tokens(torch.cat([ids[:t], ids[t + 1 :]]))
             embeds.append(torch.cat([text[:t], image, text[t:]]))
-            modality.append(torch.cat([ids.new_zeros(t), ids.new_ones(len(image)), ids.new_zeros(len(ids) - t - 1)]))
+            modality.append(
+                torch.cat([ids.new_zeros(t), ids.new_ones(len(image)), ids.new_zeros(len(text) - t)])
+            )
         return torch.stack(embeds), torch.stack(modality)
 
     def forward(self, input_ids: Tensor, images: Tensor) -> list[Tensor]:

@@ -1,7 +1,8 @@
-"""Inputs for mPLUG-Owl2 as MA-AGIQA prepares them: square-padded CLIP pixels and the chat prompt's token ids."""
+"""mPLUG-Owl2 inputs as MA-AGIQA prepares them: square-padded CLIP pixels and the chat prompt's token ids."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -59,7 +60,7 @@ def build_prompt(question: str, template: str = PROMPT_TEMPLATE) -> str:
     return template.replace("{question}", question)
 
 
-def tokenize_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def tokenize_prompt(prompt: str, tokenizer) -> list[int]:
     """Token ids with IMAGE_TOKEN_INDEX where `<|image|>` stands, as the original `tokenizer_image_token`.
 
     Each text chunk is tokenized on its own (so each gets the tokenizer's BOS and sentencepiece's dummy
@@ -74,19 +75,35 @@ def tokenize_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int
     return ids
 
 
-def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer; real (sentencepiece `tokenizer.model`) and demo (`tokenizer.json`) alike."""
+class SentencePieceTokenizer:
+    """LLaMA's `tokenizer.model` read with sentencepiece itself: [BOS] + `encode(text)` per call.
+
+    This is what the original's slow `LlamaTokenizer` (transformers 4.31, legacy mode) returns. The
+    transformers 5 LlamaTokenizer converts the model to a fast tokenizer that merges the dummy-prefix
+    space of a chunk starting with a space (" ASSISTANT:" loses one id), so it cannot reproduce the
+    original ids.
+    """
+
+    def __init__(self, model_file: Path, add_bos: bool = True):
+        import sentencepiece
+
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.bos_token_id = self.processor.bos_id()
+        self.add_bos = add_bos
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": [self.bos_token_id] * self.add_bos + self.processor.encode(text)}
+
+
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase | SentencePieceTokenizer:
+    """The checkpoint's tokenizer: sentencepiece `tokenizer.model` (real LLaMA) or `tokenizer.json` (demo)."""
     has_json, has_spm = (directory / "tokenizer.json").exists(), (directory / "tokenizer.model").exists()
     if not (has_json or has_spm):
         raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.model")
-    if has_spm and not has_json:
-        try:
-            import google.protobuf  # noqa: F401
-        except ImportError:
-            raise ImportError(
-                f"{directory / 'tokenizer.model'}: transformers needs the `protobuf` package to read a "
-                "sentencepiece tokenizer.model; install protobuf"
-            ) from None
+    if has_spm:
+        config = directory / "tokenizer_config.json"
+        add_bos = json.loads(config.read_text()).get("add_bos_token", True) if config.exists() else True
+        return SentencePieceTokenizer(directory / "tokenizer.model", add_bos=add_bos)
     # The tokenizer files alone define the tokenizer; a blank config keeps transformers from parsing the
     # mplug_owl2 config.json, a model type it does not know.
     return AutoTokenizer.from_pretrained(str(directory), config=PreTrainedConfig())

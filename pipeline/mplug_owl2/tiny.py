@@ -37,14 +37,14 @@ TINY_CONFIG = MplugOwl2Config(
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=48,
-        num_learnable_queries=8,
+        num_learnable_queries=64,  # 65 visual tokens, as the real model
         grid_size=8,
     ),
 )
 
 
-def randomize_(model: MplugOwl2, seed: int) -> MplugOwl2:
-    """Norm weights 1 + 0.2·N(0,1), everything else 0.05·N(0,1), in registration order.
+def randomize_(model: MplugOwl2, seed: int, std: float = 0.05) -> MplugOwl2:
+    """Norm weights 1 + 0.2·N(0,1), everything else std·N(0,1), in registration order.
 
     Norm weights away from 1 make the text and visual branches of each Multiway differ, so a routing bug
     changes the output (the default all-ones init would hide it).
@@ -54,12 +54,12 @@ def randomize_(model: MplugOwl2, seed: int) -> MplugOwl2:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g, device=device)
-            p.copy_(1 + 0.2 * noise if p.ndim == 1 and name.endswith("weight") else 0.05 * noise)
+            p.copy_(1 + 0.2 * noise if p.ndim == 1 and name.endswith("weight") else std * noise)
     return model
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A deterministic byte-level tokenizer (no merges): LLaMA's special ids, then one id per byte, BOS first."""
+    """Deterministic byte-level tokenizer (no merges): LLaMA's special ids, then one id per byte; adds BOS."""
     symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *symbols])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
