@@ -50,20 +50,28 @@ class Recipe:
 
 @dataclass
 class RunConfig:
-    """The shared ``train`` section: what is not a paper's recipe."""
+    """The shared ``train`` section: what is not a paper's recipe.
+
+    ``view_prob`` stands in for the papers' image augmentation on frozen, cached features: the
+    probability that a training row is replaced by one of its store's cached views (see
+    ``pipeline.features``). It does nothing for stores extracted without extra views.
+    """
 
     seed: int = 0
     device: str = "auto"
     select: str = "val"
-    target_norm: str = "zscore"
+    target_norm: str = "minmax"
     memory_budget_gb: float = 4.0
     eval_batch_size: int = 64
+    view_prob: float = 0.5
 
     def __post_init__(self) -> None:
         if self.select not in ("val", "test_oracle"):
             raise ValueError(f"train.select must be val or test_oracle, got {self.select!r}")
-        if self.target_norm not in ("zscore", "none"):
-            raise ValueError(f"train.target_norm must be zscore or none, got {self.target_norm!r}")
+        if self.target_norm not in ("minmax", "zscore", "none"):
+            raise ValueError(f"train.target_norm must be minmax, zscore or none, got {self.target_norm!r}")
+        if not 0.0 <= self.view_prob <= 1.0:
+            raise ValueError(f"train.view_prob must be in [0, 1], got {self.view_prob}")
 
     @property
     def torch_device(self) -> str:
@@ -156,10 +164,14 @@ def train_split(
     head = build().to(device)
     opt = _optimizer(head, recipe)
     sched = _scheduler(opt, recipe)
-    # zscore: regress standardised MOS (train-part mean/std), map predictions back to MOS units.
-    # The papers regress raw MOS; with few steps a head then spends them moving its bias to ~3.
-    if run.target_norm == "zscore":
-        mean, std = targets[parts["train"]].mean(axis=0), targets[parts["train"]].std(axis=0) + 1e-8
+    # Regress MOS rescaled with train-part statistics and map predictions back to MOS units.
+    # minmax -> [0, 1] keeps targets non-negative, which MANIQA's ReLU score head requires;
+    # none regresses raw MOS as both papers do (few steps are then spent moving the bias to ~3).
+    train_y = targets[parts["train"]]
+    if run.target_norm == "minmax":
+        mean, std = train_y.min(axis=0), np.ptp(train_y, axis=0) + 1e-8
+    elif run.target_norm == "zscore":
+        mean, std = train_y.mean(axis=0), train_y.std(axis=0) + 1e-8
     else:
         mean, std = np.zeros(targets.shape[1]), np.ones(targets.shape[1])
     y = torch.tensor((targets - mean) / std, dtype=torch.float32)
@@ -170,7 +182,8 @@ def train_split(
     for epoch in range(recipe.epochs):
         head.train()
         losses = []
-        for rows, batch in features.batches(parts["train"], recipe.batch_size, rng=rng):
+        train_batches = features.batches(parts["train"], recipe.batch_size, rng=rng, view_prob=run.view_prob)
+        for rows, batch in train_batches:
             pred = head(features.to(batch, device))
             loss = nn.functional.mse_loss(pred.float(), y[rows].to(device))
             opt.zero_grad(set_to_none=True)
