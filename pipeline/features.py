@@ -126,6 +126,7 @@ class Features:
                 if augment:
                     self._swap_views(batch, views, sel, rng, view_prob)
                 yield block[sel], batch
+            del arrays, views  # free this block before reading the next: one block in RAM at a time
 
     @staticmethod
     def to(batch: Batch, device: str) -> Batch:

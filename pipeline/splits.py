@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,10 +124,80 @@ def grouped_kfold(
     return splits
 
 
+def _ids(values: list[str], limit: int = 5) -> str:
+    more = len(values) - limit
+    return ", ".join(map(repr, values[:limit])) + (f" and {more} more" if more > 0 else "")
+
+
+def _in_manifest_order(manifest: pd.DataFrame, part_of: dict[str, str], source: str) -> Split:
+    unknown = sorted(set(part_of) - set(manifest["image_id"]))
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} image ids not in the manifest: {_ids(unknown)}")
+    bad = sorted({p for p in part_of.values() if p not in PARTS})
+    if bad:
+        raise ValueError(f"{source}: unknown parts {bad}; parts are {list(PARTS)}")
+    ids = manifest["image_id"].to_list()
+    return {part: [i for i in ids if part_of.get(i) == part] for part in PARTS}
+
+
+def _from_json(manifest: pd.DataFrame, path: Path) -> list[Split]:
+    document = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(document, dict) or not isinstance(document.get("splits"), list):
+        raise ValueError(f"{path}: expected an object with a 'splits' list (the splits.json layout)")
+    splits = document["splits"]
+    if "hash" in document and split_hash(splits) != document["hash"]:
+        raise ValueError(f"{path}: the splits do not match the recorded hash; the file was edited")
+    out = []
+    for k, split in enumerate(splits):
+        pairs = [(str(i), part) for part, image_ids in split.items() for i in image_ids]
+        repeated = sorted(i for i, n in Counter(i for i, _ in pairs).items() if n > 1)
+        if repeated:
+            raise ValueError(f"{path}, split {k}: image ids listed twice: {_ids(repeated)}")
+        out.append(_in_manifest_order(manifest, dict(pairs), f"{path}, split {k}"))
+    return out
+
+
+def _from_folder(manifest: pd.DataFrame, folder: Path) -> list[Split]:
+    files = sorted(folder.glob("*.csv"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no per-split CSV files (image_id,part) found")
+    out = []
+    for file in files:
+        table = pd.read_csv(file, dtype=str, keep_default_na=False)
+        missing = [c for c in ("image_id", "part") if c not in table.columns]
+        if missing:
+            raise ValueError(f"{file}: missing columns {missing}; expected image_id,part")
+        repeated = sorted(table.loc[table["image_id"].duplicated(), "image_id"].unique())
+        if repeated:
+            raise ValueError(f"{file}: image ids listed twice: {_ids(repeated)}")
+        out.append(
+            _in_manifest_order(manifest, dict(zip(table["image_id"], table["part"], strict=True)), str(file))
+        )
+    return out
+
+
+def custom(manifest: pd.DataFrame, path: str | Path) -> list[Split]:
+    """The user's own splits, checked against the manifest.
+
+    ``path`` is a JSON file in the splits.json layout (a ``hash``, when present, must match) or a
+    folder of per-split CSVs ``image_id,part`` taken in file-name order, as ``write_splits`` writes
+    them. Images a file does not list are in no part of that split; every id must be in the
+    manifest and appear once per split; errors name the file and the offending ids. DVC does not
+    track the user's files: after editing them, rerun with ``dvc repro -f split@<dataset>``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _from_folder(manifest, path)
+    if path.is_file():
+        return _from_json(manifest, path)
+    raise FileNotFoundError(f"split.custom.path: {path} is neither a JSON file nor a folder of CSVs")
+
+
 PROTOCOLS: dict[str, Callable[..., list[Split]]] = {
     "ipiqa_grouped": ipiqa_grouped,
     "ma_agiqa_random": ma_agiqa_random,
     "grouped_kfold": grouped_kfold,
+    "custom": custom,
 }
 
 

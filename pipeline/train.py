@@ -142,6 +142,20 @@ def predict(
     return np.concatenate(out)[[position[r] for r in rows]]
 
 
+def target_scale(train_targets: np.ndarray, norm: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, scale) per output from the train part's MOS: heads regress ``(mos - offset) / scale``
+    and their outputs map back with ``* scale + offset`` (also for another dataset's images).
+
+    minmax -> [0, 1] keeps targets non-negative, which MANIQA's ReLU score head requires;
+    none regresses raw MOS as both papers do (few steps are then spent moving the bias to ~3).
+    """
+    if norm == "minmax":
+        return train_targets.min(axis=0), np.ptp(train_targets, axis=0) + 1e-8
+    if norm == "zscore":
+        return train_targets.mean(axis=0), train_targets.std(axis=0) + 1e-8
+    return np.zeros(train_targets.shape[1]), np.ones(train_targets.shape[1])
+
+
 def train_split(
     build: Callable[[], nn.Module],
     features: Features,
@@ -164,16 +178,7 @@ def train_split(
     head = build().to(device)
     opt = _optimizer(head, recipe)
     sched = _scheduler(opt, recipe)
-    # Regress MOS rescaled with train-part statistics and map predictions back to MOS units.
-    # minmax -> [0, 1] keeps targets non-negative, which MANIQA's ReLU score head requires;
-    # none regresses raw MOS as both papers do (few steps are then spent moving the bias to ~3).
-    train_y = targets[parts["train"]]
-    if run.target_norm == "minmax":
-        mean, std = train_y.min(axis=0), np.ptp(train_y, axis=0) + 1e-8
-    elif run.target_norm == "zscore":
-        mean, std = train_y.mean(axis=0), train_y.std(axis=0) + 1e-8
-    else:
-        mean, std = np.zeros(targets.shape[1]), np.ones(targets.shape[1])
+    mean, std = target_scale(targets[parts["train"]], run.target_norm)
     y = torch.tensor((targets - mean) / std, dtype=torch.float32)
     rng = np.random.default_rng(split_seed)
     best: SplitResult | None = None

@@ -1,9 +1,11 @@
 """Stage `evaluate@<dataset>`: every run's predictions -> metrics/<dataset>/ (committed, cache: false).
 
-Per run, output and split, the metrics of the test part (pipeline.metrics), then mean, median
-and std over splits. Writes ``metrics.json`` (nested run -> output -> metric -> statistic),
-``per_split.csv``, and plot data: ``scatter/<run>.csv`` (prediction vs MOS, every split's test
-part) and ``curves/<run>.csv`` (per-epoch selection score, one column per split).
+Per run, output and split, the metrics of the test part with bootstrap intervals, then mean,
+median and std over splits and per-generator / per-variant tables (pipeline.evaluation). Writes
+``metrics.json`` (run -> output -> metric -> statistic, plus the protocol, its hash and the
+selection mode), ``per_split.csv``, ``groups.csv``, and plot data: ``scatter/<run>.csv``
+(prediction vs MOS, every split's test part), ``curves/<run>.csv`` (per-epoch selection score,
+one line per split and their mean) and ``generators/<run>.csv`` (SRCC and PLCC per generator).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 import pandas as pd
 import typer
 
-from pipeline import metrics
-from stages import read_params
+from pipeline.evaluation import Bootstrap, Evaluation, evaluate_predictions
+from stages import read_manifest, read_params
 
-PARAMS = ("probe.encoders", "ma_agiqa.variants", "ipiqa.variants")
+PARAMS = ("probe.encoders", "ma_agiqa.variants", "ipiqa.variants", "evaluate")
+PLOTS = ("scatter", "curves", "generators")
 
 
 def run_names(p: dict) -> list[str]:
@@ -28,56 +31,78 @@ def run_names(p: dict) -> list[str]:
     )
 
 
-def evaluate_run(run_dir: Path) -> tuple[dict, pd.DataFrame]:
+def bootstrap_config(cfg: dict) -> Bootstrap:
+    return Bootstrap(resamples=cfg["bootstrap"], confidence=cfg["confidence"], seed=cfg["seed"])
+
+
+def evaluate_run(run_dir: Path, manifest: pd.DataFrame, boot: Bootstrap) -> tuple[dict, Evaluation]:
+    """A run folder (run.json + predictions.csv) -> its summary (with protocol and selection) and tables."""
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"{run_dir}/run.json missing: run `dvc repro` for the stage that writes it")
     meta = json.loads((run_dir / "run.json").read_text())
     pred = pd.read_csv(run_dir / "predictions.csv", dtype={"image_id": str})
-    test = pred[pred["part"] == "test"]
-    rows = []
-    for output in meta["outputs"]:
-        for k, part in test.groupby("split"):
-            rows.append(
-                {
-                    "run": run_dir.name,
-                    "output": output,
-                    "split": k,
-                    **metrics.compute(part[f"pred_{output}"], part[f"target_{output}"]),
-                }
-            )
-    per_split = pd.DataFrame(rows)
+    result = evaluate_predictions(pred, manifest, meta["outputs"], boot)
     summary = {
-        out: metrics.aggregate(per_split[per_split["output"] == out].to_dict("records"))
-        for out in meta["outputs"]
+        **result.summary,
+        "n_splits": int(result.per_split["split"].nunique()),
+        "select": meta["select"],
+        "protocol": meta["protocol"],
+        "protocol_params": meta["protocol_params"],
+        "protocol_hash": meta["protocol_hash"],
+        "best_epochs": meta["best_epochs"],
     }
-    summary["n_splits"] = int(test["split"].nunique())
-    summary["select"] = meta["select"]
-    summary["protocol"] = meta["protocol"]
-    return summary, per_split
+    return summary, result
 
 
-def main(dataset: str, runs_dir: Path, out_dir: Path) -> None:
-    names = run_names(read_params(PARAMS))
+def curves_long(curves: pd.DataFrame, select: str) -> pd.DataFrame:
+    """Per-epoch selection score (SRCC + PLCC summed over outputs), one row per epoch and split, plus
+    their mean: the layout the ``split_curves`` plot template colours by split."""
+    part = "val" if select == "val" else "test"
+    long = curves[["epoch", "split", f"{part}_score"]].rename(columns={f"{part}_score": "score"})
+    mean = long.groupby("epoch", as_index=False)["score"].mean().assign(split="mean")
+    return pd.concat([long.astype({"split": str}), mean], ignore_index=True).assign(part=part)
+
+
+def generator_bars(groups: pd.DataFrame) -> pd.DataFrame:
+    """Per-generator rows labelled ``generator (output)`` for a horizontal bar chart."""
+    rows = groups[groups["by"] == "generator"]
+    label = rows["group"] + " (" + rows["output"] + ")"
+    return rows.assign(label=label)[["label", "output", "group", "n_images", "srcc", "plcc"]]
+
+
+def write_tables(
+    out_dir: Path, summary: dict, per_split: list[pd.DataFrame], groups: list[pd.DataFrame]
+) -> None:
+    """metrics.json, per_split.csv and groups.csv of several runs (each table's rows carry ``run``)."""
+    for rows, file in ((per_split, "per_split.csv"), (groups, "groups.csv")):
+        table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run"])
+        table[["run"] + [c for c in table if c != "run"]].to_csv(
+            out_dir / file, index=False, float_format="%.6g"
+        )
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main(dataset: str, manifest_path: Path, runs_dir: Path, out_dir: Path) -> None:
+    p = read_params(PARAMS)
+    boot = bootstrap_config(p["evaluate"])
+    manifest = read_manifest(manifest_path)
     shutil.rmtree(out_dir, ignore_errors=True)
-    (out_dir / "scatter").mkdir(parents=True)
-    (out_dir / "curves").mkdir()
-    summary, tables = {}, []
-    for name in names:
+    for plot in PLOTS:
+        (out_dir / plot).mkdir(parents=True)
+    summary, per_split, groups = {}, [], []
+    for name in run_names(p):
         run_dir = runs_dir / name
-        if not (run_dir / "run.json").exists():
-            raise FileNotFoundError(
-                f"{run_dir}/run.json missing: run `dvc repro` for the train stage of {name}"
-            )
-        summary[name], per_split = evaluate_run(run_dir)
-        tables.append(per_split)
+        summary[name], result = evaluate_run(run_dir, manifest, boot)
+        per_split.append(result.per_split.assign(run=name))
+        groups.append(result.groups.assign(run=name))
         pred = pd.read_csv(run_dir / "predictions.csv")
         pred[pred["part"] == "test"].to_csv(out_dir / "scatter" / f"{name}.csv", index=False)
-        curves = pd.read_csv(run_dir / "curves.csv")
-        score = "val_score" if summary[name]["select"] == "val" else "test_score"
-        wide = curves.pivot(index="epoch", columns="split", values=score).add_prefix("split")
-        wide.insert(0, "mean", wide.mean(axis=1))
-        wide.reset_index().to_csv(out_dir / "curves" / f"{name}.csv", index=False)
-    pd.concat(tables).to_csv(out_dir / "per_split.csv", index=False, float_format="%.6g")
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    typer.echo(f"{dataset}: evaluated {', '.join(names)}")
+        curves = curves_long(pd.read_csv(run_dir / "curves.csv"), summary[name]["select"])
+        curves.to_csv(out_dir / "curves" / f"{name}.csv", index=False, float_format="%.6g")
+        bars = generator_bars(result.groups)
+        bars.to_csv(out_dir / "generators" / f"{name}.csv", index=False, float_format="%.6g")
+    write_tables(out_dir, summary, per_split, groups)
+    typer.echo(f"{dataset}: evaluated {', '.join(summary)}")
 
 
 if __name__ == "__main__":

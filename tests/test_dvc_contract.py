@@ -78,3 +78,25 @@ def test_train_sections_build_typed_configs(params):
     RunConfig(**params["train"])
     for family in ("probe", "ma_agiqa", "ipiqa"):
         Recipe(**params[family]["recipe"])
+
+
+def test_cli_has_a_command_for_every_stage():
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for stage in {s.split("_")[0] if s.startswith("train_") else s for s in DVC}:
+        assert f" {stage} " in result.output, stage
+
+
+def test_params_yaml_is_a_fixed_point_of_exp_run_set(tmp_path, params):
+    """`dvc exp run -S` rewrites params.yaml (ruamel + hydra); setting a value to itself changes nothing."""
+    from dvc.utils.hydra import apply_overrides
+
+    text = (ROOT / "params.yaml").read_text()
+    copy = tmp_path / "params.yaml"
+    copy.write_text(text)
+    apply_overrides(copy, [f"fusion.experts={params['fusion']['experts']}"])
+    assert copy.read_text() == text

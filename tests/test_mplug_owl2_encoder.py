@@ -133,3 +133,15 @@ def test_bad_sections_are_refused(tmp_path, overrides, kwargs, match):
     kwargs = {"profile": "paper"} | kwargs
     with pytest.raises(ValueError, match=match.replace("|", r"\|")):
         create_encoder("semantic", section(tmp_path, **overrides), **kwargs)
+
+
+
+def test_prompt_names_stand_for_ma_agiqa_questions(tmp_path):
+    """params name MA-AGIQA's questions; the store's provenance records the verbatim text asked."""
+    enc = create_encoder(
+        "semantic", section(tmp_path, prompts=["semantic_content", "coherence", "Is it sharp?"]), "demo"
+    )
+    prov = enc.provenance()
+    assert prov["prompts"] == [*PROMPTS, "Is it sharp?"]
+    assert prov["prompt_names"] == ["semantic_content", "coherence", "Is it sharp?"]
+    assert enc.schema()["features"][0][0] == 3

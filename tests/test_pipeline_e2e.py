@@ -29,9 +29,19 @@ SHRINK = [
 pytestmark = pytest.mark.slow
 
 
+# The stages' `python` and `dvc` must be this interpreter's, also when pytest runs unactivated.
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+}
+
+
 def _run(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if args[0] == "dvc":
+        args = [sys.executable, "-m", "dvc", *args[1:]]
+    proc = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, **kw)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 

@@ -110,6 +110,15 @@ def test_views_count_in_the_memory_budget(tmp_path):
     assert Features({"vit": store}, store.ids, identity_only * (V + 1)).resident is not None
 
 
+def test_views_of_another_shape_are_refused(tmp_path):
+    ids = [f"img{i}" for i in range(4)]
+    schema = {"features": ((T, C), "float16"), "views": ((1, T, C + 1), "float16")}
+    with StoreWriter(tmp_path / "vit.h5", ids, {"encoder": "vit"}, schema) as writer:
+        writer.write(0, 4, {"features": np.zeros((4, T, C)), "views": np.zeros((4, 1, T, C + 1))})
+    with pytest.raises(ValueError, match=r"vit\.h5 \(vit\): views rows"):
+        Features({"vit": FeatureStore(tmp_path / "vit.h5")}, ids, 1 << 20)
+
+
 def test_store_without_views_is_untouched_by_view_prob(tmp_path):
     """Same rows, same values and the same rng consumption as without augmentation."""
     store = _store(tmp_path, views=False)

@@ -1,7 +1,7 @@
 """`semantic` encoder: MA-AGIQA's mPLUG-Owl2 features, one pooled LLM hidden state per prompt per image.
 
 `cfg` is the `extract.semantic` params section: `checkpoint` (hub id or local directory), `revision`,
-`prompts` (feature order), `pooling`, `hidden_layer`, optional `prompt_template`, `demo: {seed, cache_dir}`.
+`prompts` (feature order: MA-AGIQA's names `semantic_content`, `coherence`, or any question verbatim), `pooling`, `hidden_layer`, optional `prompt_template`, `demo: {seed, cache_dir}`.
 The demo profile builds a tiny random model from the seed, saves it in the released checkpoint layout under
 `demo.cache_dir` and loads it back through the same loader as the real model.
 """
@@ -30,6 +30,14 @@ from pipeline.mplug_owl2.tiny import ensure_tiny_checkpoint
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_CACHE_DIR = ".cache/agiqa"
 
+# MA-AGIQA's two questions (getFeature.py), by the names its loader gives their features. A params
+# entry that is one of these names stands for the question; any other string is asked verbatim.
+MA_AGIQA_PROMPTS = {
+    "semantic_content": "Evaluate the input image to determine if its quality is compromised due to a lack of "
+    "meaningful semantic content.",
+    "coherence": "Evaluate if the image quality is compromised due to violations of coherence.",
+}
+
 
 @register_encoder("semantic")
 class SemanticEncoder:
@@ -39,7 +47,8 @@ class SemanticEncoder:
         prompts = cfg.get("prompts")
         if not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ValueError("extract.semantic.prompts must be a non-empty list of non-empty strings")
-        self.prompts = list(prompts)
+        self.prompt_names = list(prompts)
+        self.prompts = [MA_AGIQA_PROMPTS.get(p, p) for p in prompts]
         self.template = cfg.get("prompt_template", PROMPT_TEMPLATE)
         chats = [build_prompt(q, self.template) for q in self.prompts]  # refuse a bad template before loading
         self.pooling, self.hidden_layer = cfg.get("pooling", "mean"), int(cfg.get("hidden_layer", -1))
@@ -78,6 +87,7 @@ class SemanticEncoder:
             "profile": self.profile,
             "model": "mplug-owl2",
             **self.source,
+            "prompt_names": self.prompt_names,
             "prompts": self.prompts,
             "prompt_template": self.template,
             "prompt_token_ids": self.prompt_ids,
