@@ -233,7 +233,8 @@ def main() -> None:
     }
 
     def verdict(growth: int, allowed: int) -> str:
-        return f"RSS +{growth / MiB:,.0f} MiB, allowed {allowed / MiB:,.0f} MiB: {'OK' if growth <= allowed else 'OVER'}"
+        status = "OK" if growth <= allowed else "OVER"
+        return f"RSS +{growth / MiB:,.0f} MiB, allowed {allowed / MiB:,.0f} MiB: {status}"
 
     print(
         f"{args.images} images: store {store_bytes / MiB:,.0f} MiB ({args.images} x 784 x {args.channels} + "
