@@ -39,7 +39,7 @@ from pipeline.store import FeatureStore
 from pipeline.train import TARGETS, Recipe, RunConfig, output_names, predict, target_scale, train_protocol
 from stages import read_manifest, read_params, resolve_device, runtime
 from stages.evaluate import bootstrap_config, evaluate_run, write_tables
-from stages.train import head_config
+from stages.train import check_image_tower, head_config
 
 PARAMS = (
     "train",
@@ -136,6 +136,8 @@ def cross_run(run_name: str, p: dict, run: RunConfig, source: Dataset, target: D
     prompts = sorted(set(source.manifest["prompt"]) | set(target.manifest["prompt"]))
     shapes = {name: tuple(store.shape("features")[1:]) for name, store in source.stores.items()}
     outputs = output_names(source.manifest, p[family].get("outputs", "auto"))
+    if family == "ipiqa":  # cross-dataset runs use the unadapted CLIP tower (no Image2Prompt)
+        check_image_tower(source.stores["clip"], None)
     name, kwargs, recipe = head_config(family, variant, p, prompts)
 
     def build() -> torch.nn.Module:

@@ -3,13 +3,15 @@
 Resumable: rows are committed in chunks to ``<out>.partial``; a killed run loses at most the
 chunk in flight and a rerun computes only the missing chunks (the store refuses a partial file
 made with another encoder config or manifest). Images are decoded and preprocessed in
-DataLoader workers while the model runs.
+DataLoader workers while the model runs. ``--i2p models/i2p/<encoder>`` is the encoder's
+Image2Prompt record: when it holds an adapted image tower (clip only), the encoder loads it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline.data import load_rgb, manifest_hash
 from pipeline.encoders import create_encoder
+from pipeline.i2p import adapted_tower
 from pipeline.store import StoreWriter
 from stages import read_manifest, read_params, resolve_device, runtime
 
@@ -45,15 +48,25 @@ def chunk_batches(pending: list[tuple[int, int]], batch_size: int) -> list[list[
     ]
 
 
-def main(dataset: str, encoder: str, data_dir: Path, out: Path) -> None:
+def main(
+    dataset: str,
+    encoder: str,
+    data_dir: Path,
+    out: Path,
+    i2p: Annotated[
+        Path | None, typer.Option(help="the pretrain_i2p record folder models/i2p/<encoder>")
+    ] = None,
+) -> None:
     p = read_params(PARAMS, encoder=encoder)
     rt = runtime()
     device = resolve_device(rt["device"])
     manifest = read_manifest(data_dir / "manifest.csv")
     root = Path(json.loads((data_dir / "source.json").read_text())["root"])
-    enc = create_encoder(
-        encoder, p["extract.{encoder}"], p["profile"], device=device, dtype=p["extract.dtype"]
-    )
+    cfg = p["extract.{encoder}"]
+    tower = adapted_tower(i2p, encoder) if i2p is not None else None
+    if tower is not None:
+        cfg = {**cfg, "image_tower": tower}
+    enc = create_encoder(encoder, cfg, p["profile"], device=device, dtype=p["extract.dtype"])
     provenance = {**enc.provenance(), "dataset": dataset, "manifest_hash": manifest_hash(manifest)}
     ids = manifest["image_id"].tolist()
     with StoreWriter(out, ids, provenance, enc.schema(), chunk_rows=p["extract.chunk_rows"]) as writer:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pandas as pd
 import torch
@@ -18,6 +18,7 @@ import typer
 from pipeline.data import manifest_hash
 from pipeline.features import Features
 from pipeline.heads import create_head
+from pipeline.i2p import adapted_tower, sha256_file
 from pipeline.splits import read_splits
 from pipeline.store import FeatureStore
 from pipeline.train import Recipe, RunConfig, output_names, train_protocol
@@ -31,8 +32,13 @@ PARAMS = {
 }
 
 
-def head_config(family: str, variant: str, p: dict[str, Any], prompts: list[str]) -> tuple[str, dict, dict]:
-    """(registered head name, builder kwargs, recipe) for a family and variant."""
+def head_config(
+    family: str, variant: str, p: dict[str, Any], prompts: list[str], image_tower: Path | None = None
+) -> tuple[str, dict, dict]:
+    """(registered head name, builder kwargs, recipe) for a family and variant.
+
+    ``image_tower``: IP-IQA's Image2Prompt-adapted CLIP image tower, whose attnpool the head starts from.
+    """
     if family == "probe":
         cfg = p["probe"]
         return "probe", {"encoder": variant, **cfg["model"]}, cfg["recipe"]
@@ -59,11 +65,23 @@ def head_config(family: str, variant: str, p: dict[str, Any], prompts: list[str]
             "fusion": cfg["fusion"],
             "dropout": cfg["dropout"],
             "head_scale": cfg["head_scale"],
-            "clip_model": build_clip_model(p["extract.clip"], p["profile"]),
+            "clip_model": build_clip_model(p["extract.clip"], p["profile"], image_tower=image_tower),
             "prompts": prompts,
         }
         return variant, kwargs, cfg["recipe"]
     raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
+
+
+def check_image_tower(clip_store: FeatureStore, tower: Path | None) -> None:
+    """The CLIP features and the head's attnpool must come from the same (adapted or not) image tower."""
+    expected = sha256_file(tower) if tower is not None else None
+    found = clip_store.provenance.get("i2p")
+    if found != expected:
+        raise ValueError(
+            f"{clip_store.path} was extracted with Image2Prompt weights {found} "
+            f"but this run uses {expected}; "
+            "run `dvc repro` so extraction and training use the same image tower"
+        )
 
 
 def main(
@@ -74,6 +92,9 @@ def main(
     splits_path: Path,
     features_dir: Path,
     out_dir: Path,
+    i2p: Annotated[
+        Path | None, typer.Option(help="IP-IQA: the pretrain_i2p record folder models/i2p/clip")
+    ] = None,
 ) -> None:
     if family not in PARAMS:
         raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
@@ -86,7 +107,10 @@ def main(
     stores = {s.stem: FeatureStore(s, expect=expect) for s in sorted(features_dir.glob("*.h5"))}
     shapes = {name: tuple(store.shape("features")[1:]) for name, store in stores.items()}
     outputs = output_names(manifest, p[family].get("outputs", "auto"))
-    name, kwargs, recipe = head_config(family, variant, p, prompts)
+    tower = adapted_tower(i2p, "clip") if i2p is not None else None
+    if family == "ipiqa":
+        check_image_tower(stores["clip"], tower)
+    name, kwargs, recipe = head_config(family, variant, p, prompts, image_tower=tower)
 
     def build() -> torch.nn.Module:
         return create_head(name, n_outputs=len(outputs), input_shapes=shapes, **kwargs)

@@ -5,6 +5,8 @@ re-learns the pooling, so the cache holds layer4's map (2048 x 16 x 16). Text is
 the [QA] token is trained, so the cache also holds, per unique prompt, the token ids, the final
 token states (after ``ln_final``), the end-of-text index and the projected EOT feature.
 The demo profile uses ``RN50-tiny`` (model_configs/, the same ModifiedResNet and text tower).
+With Image2Prompt (pipeline/i2p.py) the image tower is the adapted one: ``cfg["image_tower"]``
+names its weights and the provenance records their sha256 (``i2p``, None when unadapted).
 """
 
 from __future__ import annotations
@@ -15,21 +17,34 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
+from safetensors.torch import load_file
 
 from pipeline.encoders import register_encoder
 from pipeline.encoders.transforms import resize_normalize, torch_dtype
+from pipeline.i2p import sha256_file
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
 
 
-def build_clip_model(cfg: dict[str, Any], profile: str) -> torch.nn.Module:
-    """The frozen open_clip model of ``extract.clip``: pretrained (paper) or seeded random (demo)."""
+def build_clip_model(
+    cfg: dict[str, Any], profile: str, image_tower: Path | str | None = None
+) -> torch.nn.Module:
+    """The frozen open_clip model of ``extract.clip``: pretrained (paper) or seeded random (demo).
+
+    ``image_tower``: a ``model.visual`` state dict (safetensors, from Image2Prompt) loaded strictly
+    over the image tower; the text tower stays as built.
+    """
     if profile == "paper":
         model = open_clip.create_model(cfg["model"], pretrained=cfg["pretrained"])
     else:
         torch.manual_seed(int(cfg["demo"]["seed"]))
         model = open_clip.create_model(cfg["demo"]["model"], pretrained=None)
         _variance_preserving_trunk(model.visual)
+    if image_tower is not None:
+        try:
+            model.visual.load_state_dict(load_file(image_tower), strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{image_tower}: not an image tower of this clip model: {err}") from err
     return model.eval().requires_grad_(False)
 
 
@@ -54,7 +69,9 @@ class ClipFeatures:
     def __init__(self, cfg: dict[str, Any], profile: str, device: str = "cpu", dtype: str = "float32"):
         self.cfg, self.profile, self.device = cfg, profile, device
         self.dtype = torch_dtype(dtype)
-        self.model = build_clip_model(cfg, profile).to(device=device, dtype=self.dtype)
+        tower = cfg.get("image_tower")
+        self.i2p = sha256_file(tower) if tower else None
+        self.model = build_clip_model(cfg, profile, tower).to(device=device, dtype=self.dtype)
         self.arch = cfg["model"] if profile == "paper" else cfg["demo"]["model"]
         self.size = int(cfg["img_size"] if profile == "paper" else cfg["demo"]["img_size"])
         self.mean, self.std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
@@ -73,6 +90,7 @@ class ClipFeatures:
             "feature": "trunk layer4 map before attnpool",
             "compute_dtype": str(self.dtype).removeprefix("torch."),
             "open_clip_version": open_clip.__version__,
+            "i2p": self.i2p,
         }
 
     def schema(self) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -1,7 +1,8 @@
 """`semantic` encoder: MA-AGIQA's mPLUG-Owl2 features, one pooled LLM hidden state per prompt per image.
 
 `cfg` is the `extract.semantic` params section: `checkpoint` (hub id or local directory), `revision`,
-`prompts` (feature order: MA-AGIQA's names `semantic_content`, `coherence`, or any question verbatim), `pooling`, `hidden_layer`, optional `prompt_template`, `demo: {seed, cache_dir}`.
+`prompts` (feature order: MA-AGIQA's names `semantic_content`, `coherence`, or any question
+verbatim), `pooling`, `hidden_layer`, optional `prompt_template`, `demo: {seed, cache_dir}`.
 The demo profile builds a tiny random model from the seed, saves it in the released checkpoint layout under
 `demo.cache_dir` and loads it back through the same loader as the real model.
 """
@@ -33,8 +34,8 @@ DEFAULT_CACHE_DIR = ".cache/agiqa"
 # MA-AGIQA's two questions (getFeature.py), by the names its loader gives their features. A params
 # entry that is one of these names stands for the question; any other string is asked verbatim.
 MA_AGIQA_PROMPTS = {
-    "semantic_content": "Evaluate the input image to determine if its quality is compromised due to a lack of "
-    "meaningful semantic content.",
+    "semantic_content": "Evaluate the input image to determine if its quality is compromised due to a "
+    "lack of meaningful semantic content.",
     "coherence": "Evaluate if the image quality is compromised due to violations of coherence.",
 }
 
