@@ -135,7 +135,6 @@ def test_bad_sections_are_refused(tmp_path, overrides, kwargs, match):
         create_encoder("semantic", section(tmp_path, **overrides), **kwargs)
 
 
-
 def test_prompt_names_stand_for_ma_agiqa_questions(tmp_path):
     """params name MA-AGIQA's questions; the store's provenance records the verbatim text asked."""
     enc = create_encoder(
