@@ -1,0 +1,109 @@
+"""Stage `evaluate@<dataset>`: every run's predictions -> metrics/<dataset>/ (committed, cache: false).
+
+Per run, output and split, the metrics of the test part with bootstrap intervals, then mean,
+median and std over splits and per-generator / per-variant tables (pipeline.evaluation). Writes
+``metrics.json`` (run -> output -> metric -> statistic, plus the protocol, its hash and the
+selection mode), ``per_split.csv``, ``groups.csv``, and plot data: ``scatter/<run>.csv``
+(prediction vs MOS, every split's test part), ``curves/<run>.csv`` (per-epoch selection score,
+one line per split and their mean) and ``generators/<run>.csv`` (SRCC and PLCC per generator).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import typer
+
+from pipeline.evaluation import Bootstrap, Evaluation, evaluate_predictions
+from stages import read_manifest, read_params
+
+PARAMS = ("probe.encoders", "ma_agiqa.variants", "ipiqa.variants", "evaluate")
+PLOTS = ("scatter", "curves", "generators")
+
+
+def run_names(p: dict) -> list[str]:
+    """The run folders the DAG trains, in dvc.yaml order (stale folders of removed runs are ignored)."""
+    return (
+        [f"probe_{e}" for e in p["probe.encoders"]] + list(p["ma_agiqa.variants"]) + list(p["ipiqa.variants"])
+    )
+
+
+def bootstrap_config(cfg: dict) -> Bootstrap:
+    return Bootstrap(resamples=cfg["bootstrap"], confidence=cfg["confidence"], seed=cfg["seed"])
+
+
+def evaluate_run(run_dir: Path, manifest: pd.DataFrame, boot: Bootstrap) -> tuple[dict, Evaluation]:
+    """A run folder (run.json + predictions.csv) -> its summary (with protocol and selection) and tables."""
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"{run_dir}/run.json missing: run `dvc repro` for the stage that writes it")
+    meta = json.loads((run_dir / "run.json").read_text())
+    pred = pd.read_csv(run_dir / "predictions.csv", dtype={"image_id": str})
+    result = evaluate_predictions(pred, manifest, meta["outputs"], boot)
+    summary = {
+        **result.summary,
+        "n_splits": int(result.per_split["split"].nunique()),
+        "select": meta["select"],
+        "protocol": meta["protocol"],
+        "protocol_params": meta["protocol_params"],
+        "protocol_hash": meta["protocol_hash"],
+        "best_epochs": meta["best_epochs"],
+    }
+    return summary, result
+
+
+def curves_long(curves: pd.DataFrame, select: str) -> pd.DataFrame:
+    """Per-epoch selection score (SRCC + PLCC summed over outputs), one row per epoch and split, plus
+    their mean: the layout the ``split_curves`` plot template colours by split."""
+    part = "val" if select == "val" else "test"
+    long = curves[["epoch", "split", f"{part}_score"]].rename(columns={f"{part}_score": "score"})
+    mean = long.groupby("epoch", as_index=False)["score"].mean().assign(split="mean")
+    return pd.concat([long.astype({"split": str}), mean], ignore_index=True).assign(part=part)
+
+
+def generator_bars(groups: pd.DataFrame) -> pd.DataFrame:
+    """Per-generator rows labelled ``generator (output)`` for a horizontal bar chart."""
+    rows = groups[groups["by"] == "generator"]
+    label = rows["group"] + " (" + rows["output"] + ")"
+    return rows.assign(label=label)[["label", "output", "group", "n_images", "srcc", "plcc"]]
+
+
+def write_tables(
+    out_dir: Path, summary: dict, per_split: list[pd.DataFrame], groups: list[pd.DataFrame]
+) -> None:
+    """metrics.json, per_split.csv and groups.csv of several runs (each table's rows carry ``run``)."""
+    for rows, file in ((per_split, "per_split.csv"), (groups, "groups.csv")):
+        table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run"])
+        table[["run"] + [c for c in table if c != "run"]].to_csv(
+            out_dir / file, index=False, float_format="%.6g"
+        )
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def main(dataset: str, manifest_path: Path, runs_dir: Path, out_dir: Path) -> None:
+    p = read_params(PARAMS)
+    boot = bootstrap_config(p["evaluate"])
+    manifest = read_manifest(manifest_path)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    for plot in PLOTS:
+        (out_dir / plot).mkdir(parents=True)
+    summary, per_split, groups = {}, [], []
+    for name in run_names(p):
+        run_dir = runs_dir / name
+        summary[name], result = evaluate_run(run_dir, manifest, boot)
+        per_split.append(result.per_split.assign(run=name))
+        groups.append(result.groups.assign(run=name))
+        pred = pd.read_csv(run_dir / "predictions.csv")
+        pred[pred["part"] == "test"].to_csv(out_dir / "scatter" / f"{name}.csv", index=False)
+        curves = curves_long(pd.read_csv(run_dir / "curves.csv"), summary[name]["select"])
+        curves.to_csv(out_dir / "curves" / f"{name}.csv", index=False, float_format="%.6g")
+        bars = generator_bars(result.groups)
+        bars.to_csv(out_dir / "generators" / f"{name}.csv", index=False, float_format="%.6g")
+    write_tables(out_dir, summary, per_split, groups)
+    typer.echo(f"{dataset}: evaluated {', '.join(summary)}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

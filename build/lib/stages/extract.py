@@ -1,0 +1,107 @@
+"""Stage `extract@<dataset>-<encoder>`: images -> features/<dataset>/<encoder>.h5 (stage 1, frozen).
+
+Resumable: rows are committed in chunks to ``<out>.partial``; a killed run loses at most the
+chunk in flight and a rerun computes only the missing chunks (the store refuses a partial file
+made with another encoder config or manifest). Images are decoded and preprocessed in
+DataLoader workers while the model runs. ``--i2p models/i2p/<encoder>`` is the encoder's
+Image2Prompt record: when it holds an adapted image tower (clip only), the encoder loads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import typer
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.data import load_rgb, manifest_hash
+from pipeline.encoders import create_encoder
+from pipeline.i2p import adapted_tower
+from pipeline.store import StoreWriter
+from stages import read_manifest, read_params, resolve_device, runtime
+
+PARAMS = ("profile", "extract.dtype", "extract.chunk_rows", "extract.{encoder}")
+
+
+class Images(Dataset):
+    def __init__(self, paths: list[Path], preprocess):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.preprocess(load_rgb(self.paths[i]))
+
+
+def chunk_batches(pending: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Row-index batches that never cross a chunk boundary, so each chunk commits as it completes."""
+    return [
+        list(range(s, min(s + batch_size, stop)))
+        for start, stop in pending
+        for s in range(start, stop, batch_size)
+    ]
+
+
+def main(
+    dataset: str,
+    encoder: str,
+    data_dir: Path,
+    out: Path,
+    i2p: Annotated[
+        Path | None, typer.Option(help="the pretrain_i2p record folder models/i2p/<encoder>")
+    ] = None,
+) -> None:
+    p = read_params(PARAMS, encoder=encoder)
+    rt = runtime()
+    device = resolve_device(rt["device"])
+    manifest = read_manifest(data_dir / "manifest.csv")
+    root = Path(json.loads((data_dir / "source.json").read_text())["root"])
+    cfg = p["extract.{encoder}"]
+    tower = adapted_tower(i2p, encoder) if i2p is not None else None
+    if tower is not None:
+        cfg = {**cfg, "image_tower": tower}
+    enc = create_encoder(encoder, cfg, p["profile"], device=device, dtype=p["extract.dtype"])
+    provenance = {**enc.provenance(), "dataset": dataset, "manifest_hash": manifest_hash(manifest)}
+    ids = manifest["image_id"].tolist()
+    with StoreWriter(out, ids, provenance, enc.schema(), chunk_rows=p["extract.chunk_rows"]) as writer:
+        pending = writer.pending()
+        todo = sum(stop - start for start, stop in pending)
+        images = Images([root / path for path in manifest["path"]], enc.preprocess)
+        loader = DataLoader(
+            images,
+            batch_sampler=chunk_batches(pending, rt["batch_size"]),
+            num_workers=rt["num_workers"],
+            pin_memory=device.startswith("cuda"),
+        )
+        chunks = iter(pending)
+        start, stop = next(chunks, (0, 0))
+        buffer: list[dict[str, np.ndarray]] = []
+        with tqdm(total=todo, desc=f"extract {dataset}/{encoder}", unit="img") as bar:
+            for pixels in loader:
+                buffer.append(enc.encode(pixels))
+                bar.update(len(pixels))
+                if sum(len(b["features"]) for b in buffer) == stop - start:
+                    writer.write(start, stop, {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]})
+                    tqdm.write(f"committed rows {start}:{stop}")
+                    buffer = []
+                    start, stop = next(chunks, (0, 0))
+        prompts = sorted(set(manifest["prompt"]))
+        extras = enc.extras(prompts)
+        if extras:
+            extras["text_prompts"] = np.array(prompts, dtype=object)
+        for name, array in extras.items():
+            writer.write_extra(name, array)
+    typer.echo(
+        f"{dataset}/{encoder}: computed {todo} of {len(ids)} rows "
+        f"({len(ids) - todo} resumed from {out}.partial)"
+    )
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,157 @@
+"""Stage `train_<family>@<dataset>-<variant>`: cached features + splits -> runs/<dataset>/<run>/.
+
+Writes per split the selected epoch's weights (``split<k>.pt``), all predictions
+(``predictions.csv``: split, part, image_id, target_*/pred_* per output), per-epoch curves
+(``curves.csv``) and ``run.json`` (what was trained, on which protocol, how the epoch was chosen).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+import torch
+import typer
+
+from pipeline.data import manifest_hash
+from pipeline.features import Features
+from pipeline.heads import create_head
+from pipeline.i2p import adapted_tower, sha256_file
+from pipeline.splits import read_splits
+from pipeline.store import FeatureStore
+from pipeline.train import Recipe, RunConfig, output_names, train_protocol
+from stages import read_manifest, read_params, resolve_device, runtime
+
+# The params each head family reads: its own sections plus the shared `train` section.
+PARAMS = {
+    "probe": ("train", "probe"),
+    "ma_agiqa": ("train", "ma_agiqa", "fusion"),
+    "ipiqa": ("train", "ipiqa", "profile", "extract.clip"),
+}
+
+
+def head_config(
+    family: str, variant: str, p: dict[str, Any], prompts: list[str], image_tower: Path | None = None
+) -> tuple[str, dict, dict]:
+    """(registered head name, builder kwargs, recipe) for a family and variant.
+
+    ``image_tower``: IP-IQA's Image2Prompt-adapted CLIP image tower, whose attnpool the head starts from.
+    """
+    if family == "probe":
+        cfg = p["probe"]
+        return "probe", {"encoder": variant, **cfg["model"]}, cfg["recipe"]
+    if family == "ma_agiqa":
+        cfg, fusion = p["ma_agiqa"], p["fusion"]
+        branch = {"drop": fusion["drop"], **cfg["maniqa"]}
+        if variant == "maniqa":
+            return variant, branch, cfg["recipe"]
+        mixing = {k: fusion[k] for k in ("gate", "afm_width", "shared_hidden")}
+        if variant == "semantic_only":  # the two prompt experts alone: S = K = 2
+            return variant, {**branch, **mixing}, cfg["recipe"]
+        return (
+            variant,
+            {**branch, **mixing, "experts": fusion["experts"], "streams": fusion["streams"]},
+            cfg["recipe"],
+        )
+    if family == "ipiqa":
+        from pipeline.encoders.clip import build_clip_model
+
+        cfg = p["ipiqa"]
+        qa_token = {False: "none", True: "unfrozen_wte"}.get(cfg["qa_token"], cfg["qa_token"])
+        kwargs = {
+            "qa_token": qa_token,
+            "fusion": cfg["fusion"],
+            "dropout": cfg["dropout"],
+            "head_scale": cfg["head_scale"],
+            "clip_model": build_clip_model(p["extract.clip"], p["profile"], image_tower=image_tower),
+            "prompts": prompts,
+        }
+        return variant, kwargs, cfg["recipe"]
+    raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
+
+
+def check_image_tower(clip_store: FeatureStore, tower: Path | None) -> None:
+    """The CLIP features and the head's attnpool must come from the same (adapted or not) image tower."""
+    expected = sha256_file(tower) if tower is not None else None
+    found = clip_store.provenance.get("i2p")
+    if found != expected:
+        raise ValueError(
+            f"{clip_store.path} was extracted with Image2Prompt weights {found} "
+            f"but this run uses {expected}; "
+            "run `dvc repro` so extraction and training use the same image tower"
+        )
+
+
+def main(
+    family: str,
+    dataset: str,
+    variant: str,
+    manifest_path: Path,
+    splits_path: Path,
+    features_dir: Path,
+    out_dir: Path,
+    i2p: Annotated[
+        Path | None, typer.Option(help="IP-IQA: the pretrain_i2p record folder models/i2p/clip")
+    ] = None,
+) -> None:
+    if family not in PARAMS:
+        raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
+    p = read_params(PARAMS[family])
+    run = RunConfig(**p["train"], device=resolve_device(runtime()["device"]))
+    manifest = read_manifest(manifest_path)
+    splits = read_splits(splits_path)
+    prompts = sorted(set(manifest["prompt"]))
+    expect = {"manifest_hash": manifest_hash(manifest)}
+    stores = {s.stem: FeatureStore(s, expect=expect) for s in sorted(features_dir.glob("*.h5"))}
+    shapes = {name: tuple(store.shape("features")[1:]) for name, store in stores.items()}
+    outputs = output_names(manifest, p[family].get("outputs", "auto"))
+    tower = adapted_tower(i2p, "clip") if i2p is not None else None
+    if family == "ipiqa":
+        check_image_tower(stores["clip"], tower)
+    name, kwargs, recipe = head_config(family, variant, p, prompts, image_tower=tower)
+
+    def build() -> torch.nn.Module:
+        return create_head(name, n_outputs=len(outputs), input_shapes=shapes, **kwargs)
+
+    inputs = build().inputs
+    missing = [i for i in inputs if i not in stores]
+    if missing:
+        raise FileNotFoundError(f"head {name!r} reads {missing} but {features_dir} has only {sorted(stores)}")
+    prompt_index = manifest["prompt"].map({t: i for i, t in enumerate(prompts)}).to_numpy()
+    features = Features(
+        {i: stores[i] for i in inputs},
+        manifest["image_id"].tolist(),
+        budget_bytes=int(run.memory_budget_gb * 2**30),
+        extras={"prompt_index": prompt_index},
+    )
+    results = train_protocol(build, features, manifest, splits["splits"], outputs, Recipe(**recipe), run)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for k, result in enumerate(results):
+        torch.save(result.state, out_dir / f"split{k}.pt")
+    pd.concat([r.predictions for r in results]).to_csv(out_dir / "predictions.csv", index=False)
+    pd.DataFrame([{"split": k, **c} for k, r in enumerate(results) for c in r.curves]).to_csv(
+        out_dir / "curves.csv", index=False
+    )
+    meta = {
+        "dataset": dataset,
+        "family": family,
+        "head": name,
+        "variant": variant,
+        "outputs": outputs,
+        "select": run.select,
+        "protocol": splits["protocol"],
+        "protocol_params": splits["params"],
+        "protocol_hash": splits["hash"],
+        "recipe": recipe,
+        "best_epochs": [r.best_epoch for r in results],
+        "stores": {i: stores[i].provenance for i in inputs},
+    }
+    (out_dir / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    typer.echo(f"{dataset}/{out_dir.name}: {len(results)} splits, best epochs {meta['best_epochs']}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
