@@ -217,7 +217,7 @@ def main(
     summary, per_split, groups = {}, [], []
     for name in p["cross.runs"]:
         cross_run(name, p, run, source, target, runs_dir / name)
-        result_summary, result = evaluate_run(runs_dir / name, target.manifest, boot)
+        result_summary, result, _ = evaluate_run(runs_dir / name, target.manifest, boot)
         pair = {"train_dataset": train_dataset, "test_dataset": test_dataset}
         summary[name] = {**pair, "train_protocol_hash": source.splits["hash"], **result_summary}
         per_split.append(result.per_split.assign(run=name))

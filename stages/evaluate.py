@@ -35,8 +35,11 @@ def bootstrap_config(cfg: dict) -> Bootstrap:
     return Bootstrap(resamples=cfg["bootstrap"], confidence=cfg["confidence"], seed=cfg["seed"])
 
 
-def evaluate_run(run_dir: Path, manifest: pd.DataFrame, boot: Bootstrap) -> tuple[dict, Evaluation]:
-    """A run folder (run.json + predictions.csv) -> its summary (with protocol and selection) and tables."""
+def evaluate_run(
+    run_dir: Path, manifest: pd.DataFrame, boot: Bootstrap
+) -> tuple[dict, Evaluation, pd.DataFrame]:
+    """A run folder (run.json + predictions.csv) -> its summary (with protocol and selection), tables
+    and the predictions themselves (read once, for the plot files)."""
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"{run_dir}/run.json missing: run `dvc repro` for the stage that writes it")
     meta = json.loads((run_dir / "run.json").read_text())
@@ -51,7 +54,7 @@ def evaluate_run(run_dir: Path, manifest: pd.DataFrame, boot: Bootstrap) -> tupl
         "protocol_hash": meta["protocol_hash"],
         "best_epochs": meta["best_epochs"],
     }
-    return summary, result
+    return summary, result, pred
 
 
 def curves_long(curves: pd.DataFrame, select: str) -> pd.DataFrame:
@@ -92,10 +95,9 @@ def main(dataset: str, manifest_path: Path, runs_dir: Path, out_dir: Path) -> No
     summary, per_split, groups = {}, [], []
     for name in run_names(p):
         run_dir = runs_dir / name
-        summary[name], result = evaluate_run(run_dir, manifest, boot)
+        summary[name], result, pred = evaluate_run(run_dir, manifest, boot)
         per_split.append(result.per_split.assign(run=name))
         groups.append(result.groups.assign(run=name))
-        pred = pd.read_csv(run_dir / "predictions.csv")
         pred[pred["part"] == "test"].to_csv(out_dir / "scatter" / f"{name}.csv", index=False)
         curves = curves_long(pd.read_csv(run_dir / "curves.csv"), summary[name]["select"])
         curves.to_csv(out_dir / "curves" / f"{name}.csv", index=False, float_format="%.6g")
