@@ -55,6 +55,11 @@ class RunConfig:
     ``view_prob`` stands in for the papers' image augmentation on frozen, cached features: the
     probability that a training row is replaced by one of its store's cached views (see
     ``pipeline.features``). It does nothing for stores extracted without extra views.
+
+    ``shuffle_labels`` makes a run its own chance-level control: the MOS of the train part and of
+    the val part are each permuted (seeded) before training and epoch selection, the test part is
+    scored against the true MOS. ``dvc exp run -S train.shuffle_labels=true`` then ``dvc metrics
+    diff`` shows how far every run is above what it learns from no signal.
     """
 
     seed: int = 0
@@ -64,6 +69,7 @@ class RunConfig:
     memory_budget_gb: float = 4.0
     eval_batch_size: int = 64
     view_prob: float = 0.5
+    shuffle_labels: bool = False
 
     def __post_init__(self) -> None:
         if self.select not in ("val", "test_oracle"):
@@ -156,6 +162,17 @@ def target_scale(train_targets: np.ndarray, norm: str) -> tuple[np.ndarray, np.n
     return np.zeros(train_targets.shape[1]), np.ones(train_targets.shape[1])
 
 
+def shuffled_labels(
+    targets: np.ndarray, parts: dict[str, np.ndarray], rng: np.random.Generator
+) -> np.ndarray:
+    """``targets`` with the train part's rows permuted among themselves, and the val part's likewise."""
+    out = targets.copy()
+    for part in ("train", "val"):
+        rows = parts[part]
+        out[rows] = targets[rng.permutation(rows)]
+    return out
+
+
 def train_split(
     build: Callable[[], nn.Module],
     features: Features,
@@ -178,9 +195,10 @@ def train_split(
     head = build().to(device)
     opt = _optimizer(head, recipe)
     sched = _scheduler(opt, recipe)
-    mean, std = target_scale(targets[parts["train"]], run.target_norm)
-    y = torch.tensor((targets - mean) / std, dtype=torch.float32)
     rng = np.random.default_rng(split_seed)
+    fit = shuffled_labels(targets, parts, rng) if run.shuffle_labels else targets
+    mean, std = target_scale(fit[parts["train"]], run.target_norm)
+    y = torch.tensor((fit - mean) / std, dtype=torch.float32)
     best: SplitResult | None = None
     best_score = -math.inf
     curves = []
@@ -205,7 +223,8 @@ def train_split(
             else np.zeros((0, targets.shape[1]))
             for p in ("val", "test")
         }
-        scores = {p: _score(preds[p], targets[parts[p]]) if len(parts[p]) >= 3 else math.nan for p in preds}
+        truth = {"val": fit, "test": targets}
+        scores = {p: _score(preds[p], truth[p][parts[p]]) if len(parts[p]) >= 3 else math.nan for p in preds}
         curves.append(
             {
                 "epoch": epoch,

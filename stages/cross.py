@@ -39,7 +39,7 @@ from pipeline.store import FeatureStore
 from pipeline.train import TARGETS, Recipe, RunConfig, output_names, predict, target_scale, train_protocol
 from stages import read_manifest, read_params, resolve_device, runtime
 from stages.evaluate import bootstrap_config, evaluate_run, write_tables
-from stages.train import check_image_tower, head_config
+from stages.train import check_image_tower, head_config, nest
 
 PARAMS = (
     "train",
@@ -91,12 +91,16 @@ def run_family(run: str, p: dict) -> tuple[str, str]:
     """(family, variant) of a run name as the DAG names runs (probe_<encoder>, or a variant)."""
     if run.startswith("probe_") and run.removeprefix("probe_") in p["probe"]["encoders"]:
         return "probe", run.removeprefix("probe_")
+    if run in p["ma_agiqa"]["ablations"]:
+        return "ma_agiqa_ablation", run
     for family in ("ma_agiqa", "ipiqa"):
         if run in p[family]["variants"]:
             return family, run
-    known = (
-        [f"probe_{e}" for e in p["probe"]["encoders"]] + p["ma_agiqa"]["variants"] + p["ipiqa"]["variants"]
-    )
+    known = [f"probe_{e}" for e in p["probe"]["encoders"]] + [
+        *p["ma_agiqa"]["variants"],
+        *p["ma_agiqa"]["ablations"],
+        *p["ipiqa"]["variants"],
+    ]
     raise ValueError(f"params.yaml: cross.runs names {run!r}, which is not a run of this DAG; runs: {known}")
 
 
@@ -135,7 +139,7 @@ def cross_run(run_name: str, p: dict, run: RunConfig, source: Dataset, target: D
     family, variant = run_family(run_name, p)
     prompts = sorted(set(source.manifest["prompt"]) | set(target.manifest["prompt"]))
     shapes = {name: tuple(store.shape("features")[1:]) for name, store in source.stores.items()}
-    outputs = output_names(source.manifest, p[family].get("outputs", "auto"))
+    outputs = output_names(source.manifest, p[family.removesuffix("_ablation")].get("outputs", "auto"))
     if family == "ipiqa":  # cross-dataset runs use the unadapted CLIP tower (no Image2Prompt)
         check_image_tower(source.stores["clip"], None)
     name, kwargs, recipe = head_config(family, variant, p, prompts)
@@ -205,7 +209,7 @@ def main(
     runs_dir: Path,
     out_dir: Path,
 ) -> None:
-    p = read_params(PARAMS)
+    p = nest(read_params(PARAMS))
     run = RunConfig(**p["train"], device=resolve_device(runtime()["device"]))
     source = Dataset.load(train_dataset, train_manifest, train_splits, train_features)
     target = Dataset.load(test_dataset, test_manifest, test_splits, test_features)
@@ -215,7 +219,7 @@ def main(
     out_dir.mkdir(parents=True)
     boot = bootstrap_config(p["evaluate"])
     summary, per_split, groups = {}, [], []
-    for name in p["cross.runs"]:
+    for name in p["cross"]["runs"]:
         cross_run(name, p, run, source, target, runs_dir / name)
         result_summary, result, _ = evaluate_run(runs_dir / name, target.manifest, boot)
         pair = {"train_dataset": train_dataset, "test_dataset": test_dataset}

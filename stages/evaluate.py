@@ -20,14 +20,17 @@ import typer
 from pipeline.evaluation import Bootstrap, Evaluation, evaluate_predictions
 from stages import read_manifest, read_params
 
-PARAMS = ("probe.encoders", "ma_agiqa.variants", "ipiqa.variants", "evaluate")
+PARAMS = ("probe.encoders", "ma_agiqa.variants", "ma_agiqa.ablations", "ipiqa.variants", "evaluate")
 PLOTS = ("scatter", "curves", "generators")
 
 
 def run_names(p: dict) -> list[str]:
     """The run folders the DAG trains, in dvc.yaml order (stale folders of removed runs are ignored)."""
     return (
-        [f"probe_{e}" for e in p["probe.encoders"]] + list(p["ma_agiqa.variants"]) + list(p["ipiqa.variants"])
+        [f"probe_{e}" for e in p["probe.encoders"]]
+        + list(p["ma_agiqa.variants"])
+        + list(p["ma_agiqa.ablations"])
+        + list(p["ipiqa.variants"])
     )
 
 

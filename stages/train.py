@@ -24,25 +24,53 @@ from pipeline.store import FeatureStore
 from pipeline.train import Recipe, RunConfig, output_names, train_protocol
 from stages import read_manifest, read_params, resolve_device, runtime
 
-# The params each head family reads: its own sections plus the shared `train` section.
+# The params each head family reads: its own sections plus the shared `train` section. MA-AGIQA's
+# ablations have a family (and stage) of their own that reads no fusion.experts or fusion.streams,
+# so that an experts/streams experiment re-trains the full model alone.
+_MA_AGIQA = ("train", "ma_agiqa.outputs", "ma_agiqa.maniqa", "ma_agiqa.recipe")
 PARAMS = {
     "probe": ("train", "probe"),
-    "ma_agiqa": ("train", "ma_agiqa", "fusion"),
+    "ma_agiqa": (*_MA_AGIQA, "fusion"),
+    "ma_agiqa_ablation": (
+        *_MA_AGIQA,
+        "fusion.gate",
+        "fusion.afm_width",
+        "fusion.shared_hidden",
+        "fusion.drop",
+    ),
     "ipiqa": ("train", "ipiqa", "profile", "extract.clip"),
 }
+ABLATIONS = ("maniqa", "semantic_only")
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"ma_agiqa.recipe": r, "fusion.gate": g} -> {"ma_agiqa": {"recipe": r}, "fusion": {"gate": g}}."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
 
 
 def head_config(
     family: str, variant: str, p: dict[str, Any], prompts: list[str], image_tower: Path | None = None
 ) -> tuple[str, dict, dict]:
-    """(registered head name, builder kwargs, recipe) for a family and variant.
+    """(registered head name, builder kwargs, recipe) for a family and variant; ``p`` nested by section.
 
     ``image_tower``: IP-IQA's Image2Prompt-adapted CLIP image tower, whose attnpool the head starts from.
     """
     if family == "probe":
         cfg = p["probe"]
         return "probe", {"encoder": variant, **cfg["model"]}, cfg["recipe"]
-    if family == "ma_agiqa":
+    if family == "ma_agiqa_ablation" and variant not in ABLATIONS:
+        raise ValueError(
+            f"ma_agiqa.ablations lists {variant!r}, which reads fusion.experts and fusion.streams; "
+            f"ablations are {list(ABLATIONS)}: list other heads under ma_agiqa.variants"
+        )
+    if family in ("ma_agiqa", "ma_agiqa_ablation"):
         cfg, fusion = p["ma_agiqa"], p["fusion"]
         branch = {"drop": fusion["drop"], **cfg["maniqa"]}
         if variant == "maniqa":
@@ -65,7 +93,7 @@ def head_config(
             "fusion": cfg["fusion"],
             "dropout": cfg["dropout"],
             "head_scale": cfg["head_scale"],
-            "clip_model": build_clip_model(p["extract.clip"], p["profile"], image_tower=image_tower),
+            "clip_model": build_clip_model(p["extract"]["clip"], p["profile"], image_tower=image_tower),
             "prompts": prompts,
         }
         return variant, kwargs, cfg["recipe"]
@@ -98,7 +126,7 @@ def main(
 ) -> None:
     if family not in PARAMS:
         raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
-    p = read_params(PARAMS[family])
+    p = nest(read_params(PARAMS[family]))
     run = RunConfig(**p["train"], device=resolve_device(runtime()["device"]))
     manifest = read_manifest(manifest_path)
     splits = read_splits(splits_path)
@@ -106,7 +134,7 @@ def main(
     expect = {"manifest_hash": manifest_hash(manifest)}
     stores = {s.stem: FeatureStore(s, expect=expect) for s in sorted(features_dir.glob("*.h5"))}
     shapes = {name: tuple(store.shape("features")[1:]) for name, store in stores.items()}
-    outputs = output_names(manifest, p[family].get("outputs", "auto"))
+    outputs = output_names(manifest, p[family.removesuffix("_ablation")].get("outputs", "auto"))
     tower = adapted_tower(i2p, "clip") if i2p is not None else None
     if family == "ipiqa":
         check_image_tower(stores["clip"], tower)

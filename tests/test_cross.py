@@ -129,10 +129,11 @@ def test_refuses_splits_that_do_not_pair(workdir):
 def test_unknown_run_is_named():
     p = {
         "probe": {"encoders": ["vit"]},
-        "ma_agiqa": {"variants": ["ma_agiqa"]},
+        "ma_agiqa": {"variants": ["ma_agiqa"], "ablations": ["maniqa"]},
         "ipiqa": {"variants": ["ipiqa"]},
     }
     assert cross.run_family("probe_vit", p) == ("probe", "vit")
     assert cross.run_family("ma_agiqa", p) == ("ma_agiqa", "ma_agiqa")
+    assert cross.run_family("maniqa", p) == ("ma_agiqa_ablation", "maniqa")
     with pytest.raises(ValueError, match=r"cross\.runs names 'probe_clip'"):
         cross.run_family("probe_clip", p)

@@ -84,10 +84,13 @@ def test_alignment_mos_follows_drawn_content(demo):
         return float((np.linalg.norm(pixels - target, axis=2) < 80).mean())
 
     share = np.array([prompt_colour_share(row) for row in m.itertuples()])
-    aligned = m["mos_align"].to_numpy() >= 3.5
-    assert 20 <= (~aligned).sum() <= 120
-    assert (share[aligned] > 0.02).mean() > 0.85
-    assert (share[~aligned] > 0.02).mean() < 0.7
+    align = m["mos_align"].to_numpy()
+    # solid, right content: the prompt's colour is on screen; missing or faint wrong objects: it is not
+    solid, absent = align >= 3.5, align < 1.5
+    assert solid.sum() >= 60 and absent.sum() >= 10
+    assert (share[solid] > 0.02).mean() > 0.85
+    assert (share[absent] > 0.02).mean() < 0.3
+    assert spearmanr(share, align).statistic > 0.35
 
 
 def test_regeneration_replaces_old_images(tmp_path):

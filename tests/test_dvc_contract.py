@@ -100,3 +100,25 @@ def test_params_yaml_is_a_fixed_point_of_exp_run_set(tmp_path, params):
     copy.write_text(text)
     apply_overrides(copy, [f"fusion.experts={params['fusion']['experts']}"])
     assert copy.read_text() == text
+
+
+def test_only_the_full_ma_agiqa_stage_reads_experts_and_streams():
+    """-S fusion.experts=4 must re-train the full MA-AGIQA model alone, not its ablations."""
+    readers = {
+        name
+        for name, stage in DVC.items()
+        if {"fusion", "fusion.experts", "fusion.streams"} & _declared(stage)
+    }
+    assert readers == {"train_ma_agiqa", "cross"}
+
+
+def test_ablation_family_refuses_heads_that_read_experts(params):
+    from stages import read_params
+    from stages.train import PARAMS, head_config, nest
+
+    p = nest(read_params(PARAMS["ma_agiqa_ablation"]))
+    for variant in params["ma_agiqa"]["ablations"]:
+        name, kwargs, _ = head_config("ma_agiqa_ablation", variant, p, [])
+        assert name == variant and "experts" not in kwargs and "streams" not in kwargs
+    with pytest.raises(ValueError, match=r"list other heads under ma_agiqa\.variants"):
+        head_config("ma_agiqa_ablation", "ma_agiqa", p, [])

@@ -39,7 +39,7 @@ def _dataset(tmp_path, seed=0):
     return manifest, FeatureStore(path), splits
 
 
-def _run(manifest, store, splits, budget=2**30, select="val", epochs=40):
+def _run(manifest, store, splits, budget=2**30, select="val", epochs=40, shuffle_labels=False):
     features = Features({"vit": store}, manifest["image_id"].tolist(), budget_bytes=budget)
 
     def build():
@@ -47,7 +47,14 @@ def _run(manifest, store, splits, budget=2**30, select="val", epochs=40):
 
     recipe = Recipe(epochs=epochs, batch_size=16, lr=0.01, optimizer="adam")
     return train_protocol(
-        build, features, manifest, splits, ["quality"], recipe, RunConfig(select=select), progress=False
+        build,
+        features,
+        manifest,
+        splits,
+        ["quality"],
+        recipe,
+        RunConfig(select=select, shuffle_labels=shuffle_labels),
+        progress=False,
     )
 
 
@@ -68,6 +75,28 @@ def test_learns_linear_target_and_shuffled_control_does_not(tmp_path):
     assert min(_test_srcc(_run(manifest, store, splits))) > 0.8
     shuffled = manifest.assign(mos_quality=np.random.default_rng(1).permutation(manifest["mos_quality"]))
     assert max(np.abs(_test_srcc(_run(shuffled, store, splits)))) < 0.4
+
+
+def test_shuffle_labels_control_learns_nothing_but_is_scored_on_true_mos(tmp_path):
+    manifest, store, splits = _dataset(tmp_path)
+    results = _run(manifest, store, splits, shuffle_labels=True)
+    # the true labels give > 0.8 on every split (above); a random linear map of 16 features gives ~N(0, 0.25)
+    assert max(np.abs(_test_srcc(results))) < 0.6
+    truth = manifest.set_index("image_id")["mos_quality"]
+    for r in results:
+        test = r.predictions.query("part == 'test'")
+        np.testing.assert_allclose(test["target_quality"], truth[test["image_id"]].to_numpy(), rtol=1e-6)
+
+
+def test_shuffled_labels_permute_within_train_and_within_val():
+    from pipeline.train import shuffled_labels
+
+    targets = np.arange(30, dtype=np.float32)[:, None]
+    parts = {"train": np.arange(0, 20), "val": np.arange(20, 25), "test": np.arange(25, 30)}
+    out = shuffled_labels(targets, parts, np.random.default_rng(0))
+    assert sorted(out[:20, 0]) == list(range(20)) and not np.array_equal(out[:20], targets[:20])
+    assert sorted(out[20:25, 0]) == list(range(20, 25))
+    np.testing.assert_array_equal(out[25:], targets[25:])
 
 
 def test_streamed_blocks_give_same_training_as_resident(tmp_path):

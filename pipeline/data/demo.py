@@ -1,8 +1,9 @@
 """A synthetic AGIQA-like dataset, drawn from a seed, that a model can learn something from.
 
 Each prompt names a coloured shape on a coloured background ("a small red circle on a gray
-background"). Fake generators render it, sometimes wrongly (another colour or shape: lower alignment
-MOS), and degrade it at a known strength (blur, noise, JPEG, colour cast: lower quality MOS). Each
+background"). Fake generators render it more or less solidly (the object's opacity scales the alignment
+MOS), sometimes wrongly (another colour or shape, or no object at all: lower alignment MOS), and degrade
+it at a known strength (blur, noise, JPEG, colour cast: lower quality MOS). Each
 generator has its own favourite degradation, strength range and error rate, so per-generator results
 differ as they do on real data. group = prompt, several images per prompt, so grouped splits matter.
 
@@ -60,9 +61,9 @@ def _prompts(rs: np.random.RandomState, n: int) -> list[Content]:
     return [combos[i] for i in sorted(rs.choice(len(combos), n, replace=False))]
 
 
-def _draw(content: Content, size: int, rs: np.random.RandomState) -> Image.Image:
-    """Paint the shape over a background with a soft vertical gradient; the shape's mask is drawn at
-    SUPERSAMPLE x size and box-filtered down, which gives it anti-aliased edges."""
+def _draw(content: Content, size: int, presence: float, rs: np.random.RandomState) -> Image.Image:
+    """Paint the shape, at opacity ``presence``, over a background with a soft vertical gradient; the
+    shape's mask is drawn at SUPERSAMPLE x size and box-filtered down, which gives it anti-aliased edges."""
     shape_size, colour, shape, bg = content
     big = size * SUPERSAMPLE
     r = SIZES[shape_size] * big * rs.uniform(0.85, 1.15)
@@ -78,6 +79,7 @@ def _draw(content: Content, size: int, rs: np.random.RandomState) -> Image.Image
     else:
         draw.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=255)
     alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float64)[..., None] / 255
+    alpha *= 0.0 if shape == "none" else presence  # "none": the generator left the object out
     shade = np.linspace(-18, 18, size)[:, None, None] * rs.choice([-1, 1])
     # fine diagonal texture: the detail that blur and JPEG destroy, as real images have
     yy, xx = np.mgrid[0:size, 0:size]
@@ -107,7 +109,9 @@ def _degrade(image: Image.Image, kind: str, strength: float, rs: np.random.Rando
 def _wrong(content: Content, rs: np.random.RandomState) -> tuple[Content, float]:
     """Content the generator draws instead of the prompt's, and the alignment MOS that goes with it."""
     shape_size, colour, shape, bg = content
-    mistake = rs.choice(["colour", "shape", "both"])
+    mistake = rs.choice(["colour", "shape", "both", "missing"])
+    if mistake == "missing":
+        return (shape_size, colour, "none", bg), 1.0
     if mistake in ("colour", "both"):
         colour = str(rs.choice([c for c in COLOURS if c not in (colour, bg)]))
     if mistake in ("shape", "both"):
@@ -139,7 +143,9 @@ def generate_demo(
             kind = favourite if rs.uniform() < 0.7 else str(rs.choice(DEGRADATIONS))
             strength = rs.uniform(0.0, top)
             drawn, align = (content, 4.4) if rs.uniform() >= error_rate else _wrong(content, rs)
-            image = _degrade(_draw(drawn, size, rs), kind, strength, rs)
+            presence = rs.uniform(0.25, 1.0)  # how solidly the object is rendered (1 = opaque)
+            align = 1.0 + (align - 1.0) * presence
+            image = _degrade(_draw(drawn, size, presence, rs), kind, strength, rs)
             image_id = f"demo_{len(rows):04d}"
             image.save(images / f"{image_id}.png")
             rows.append(
