@@ -95,6 +95,22 @@ def test_stage2_experiment_reruns_no_extraction(repo):
     assert not any(key.startswith("demo.ma_agiqa.") for key in changed)
 
 
+def test_fusion_and_qa_token_experiments_retrain_only_their_heads(repo):
+    """fusion.experts is read by the full MA-AGIQA model alone (its ablations have their own stage)."""
+    out = _run(["dvc", "exp", "run", "-S", "fusion.experts=4", "-S", "ipiqa.qa_token=false"], repo).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {"train_ma_agiqa@demo-ma_agiqa", "train_ipiqa@demo-ipiqa", "evaluate@demo", "report"}, ran
+    changed = json.loads(_run(["dvc", "metrics", "diff", "--json"], repo).stdout)["reports/metrics.json"]
+    assert any(key.startswith("demo.ma_agiqa.") for key in changed)
+    # v["old"] == v["old"] drops NaN -> NaN entries, which DVC lists as changed
+    others = {
+        k: v
+        for k, v in changed.items()
+        if k.startswith(("demo.maniqa.", "demo.semantic_only.")) and v["old"] == v["old"]
+    }
+    assert not others, others
+
+
 def test_killed_extract_resumes_without_recomputing_finished_chunks(repo):
     """SIGKILL mid-run, then rerun: only the missing rows are computed and the store equals a clean one."""
     out = repo / "features" / "demo" / "vit_resumed.h5"
