@@ -18,7 +18,6 @@ import typer
 from pipeline.data import manifest_hash
 from pipeline.features import Features
 from pipeline.heads import create_head
-from pipeline.i2p import adapted_tower, sha256_file
 from pipeline.splits import read_splits
 from pipeline.store import FeatureStore
 from pipeline.train import Recipe, RunConfig, output_names, train_protocol
@@ -102,6 +101,8 @@ def head_config(
 
 def check_image_tower(clip_store: FeatureStore, tower: Path | None) -> None:
     """The CLIP features and the head's attnpool must come from the same (adapted or not) image tower."""
+    from pipeline.i2p import sha256_file  # imports open_clip (~4 s), which only IP-IQA needs
+
     expected = sha256_file(tower) if tower is not None else None
     found = clip_store.provenance.get("i2p")
     if found != expected:
@@ -135,7 +136,11 @@ def main(
     stores = {s.stem: FeatureStore(s, expect=expect) for s in sorted(features_dir.glob("*.h5"))}
     shapes = {name: tuple(store.shape("features")[1:]) for name, store in stores.items()}
     outputs = output_names(manifest, p[family.removesuffix("_ablation")].get("outputs", "auto"))
-    tower = adapted_tower(i2p, "clip") if i2p is not None else None
+    tower = None
+    if i2p is not None:
+        from pipeline.i2p import adapted_tower  # imports open_clip (~4 s), which only IP-IQA needs
+
+        tower = adapted_tower(i2p, "clip")
     if family == "ipiqa":
         check_image_tower(stores["clip"], tower)
     name, kwargs, recipe = head_config(family, variant, p, prompts, image_tower=tower)
