@@ -199,6 +199,7 @@ def train_split(
     fit = shuffled_labels(targets, parts, rng) if run.shuffle_labels else targets
     mean, std = target_scale(fit[parts["train"]], run.target_norm)
     y = torch.tensor((fit - mean) / std, dtype=torch.float32)
+    truth = {"val": fit, "test": targets}  # the control selects its epoch on shuffled val MOS too
     best: SplitResult | None = None
     best_score = -math.inf
     curves = []
@@ -223,7 +224,6 @@ def train_split(
             else np.zeros((0, targets.shape[1]))
             for p in ("val", "test")
         }
-        truth = {"val": fit, "test": targets}
         scores = {p: _score(preds[p], truth[p][parts[p]]) if len(parts[p]) >= 3 else math.nan for p in preds}
         curves.append(
             {

@@ -36,10 +36,10 @@ from pipeline.features import Features
 from pipeline.heads import create_head
 from pipeline.splits import read_splits
 from pipeline.store import FeatureStore
-from pipeline.train import TARGETS, Recipe, RunConfig, output_names, predict, target_scale, train_protocol
+from pipeline.train import TARGETS, Recipe, RunConfig, predict, target_scale, train_protocol
 from stages import read_manifest, read_params, resolve_device, runtime
 from stages.evaluate import bootstrap_config, evaluate_run, write_tables
-from stages.train import check_image_tower, head_config, nest
+from stages.train import check_image_tower, family_outputs, head_config, nest
 
 PARAMS = (
     "train",
@@ -139,7 +139,7 @@ def cross_run(run_name: str, p: dict, run: RunConfig, source: Dataset, target: D
     family, variant = run_family(run_name, p)
     prompts = sorted(set(source.manifest["prompt"]) | set(target.manifest["prompt"]))
     shapes = {name: tuple(store.shape("features")[1:]) for name, store in source.stores.items()}
-    outputs = output_names(source.manifest, p[family.removesuffix("_ablation")].get("outputs", "auto"))
+    outputs = family_outputs(family, p, source.manifest)
     if family == "ipiqa":  # cross-dataset runs use the unadapted CLIP tower (no Image2Prompt)
         check_image_tower(source.stores["clip"], None)
     name, kwargs, recipe = head_config(family, variant, p, prompts)

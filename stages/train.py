@@ -99,6 +99,11 @@ def head_config(
     raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
 
 
+def family_outputs(family: str, p: dict[str, Any], manifest: pd.DataFrame) -> list[str]:
+    """The outputs a family's runs train: its section's ``outputs`` (the ablations: ma_agiqa's)."""
+    return output_names(manifest, p[family.removesuffix("_ablation")].get("outputs", "auto"))
+
+
 def check_image_tower(clip_store: FeatureStore, tower: Path | None) -> None:
     """The CLIP features and the head's attnpool must come from the same (adapted or not) image tower."""
     from pipeline.i2p import sha256_file  # imports open_clip (~4 s), which only IP-IQA needs
@@ -135,7 +140,7 @@ def main(
     expect = {"manifest_hash": manifest_hash(manifest)}
     stores = {s.stem: FeatureStore(s, expect=expect) for s in sorted(features_dir.glob("*.h5"))}
     shapes = {name: tuple(store.shape("features")[1:]) for name, store in stores.items()}
-    outputs = output_names(manifest, p[family.removesuffix("_ablation")].get("outputs", "auto"))
+    outputs = family_outputs(family, p, manifest)
     tower = None
     if i2p is not None:
         from pipeline.i2p import adapted_tower  # imports open_clip (~4 s), which only IP-IQA needs
