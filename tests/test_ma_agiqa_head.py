@@ -86,6 +86,27 @@ def test_gradients_reach_every_expert():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{pname}"
 
 
+@pytest.mark.parametrize("act", ["relu", "softplus"])
+def test_score_unit_dead_at_init_trains_only_with_softplus(act):
+    """Score unit negative on every patch: relu gives f = 0 and no gradient to the branch, softplus not."""
+    head = tiny_head(streams=["maniqa"], score_act=act)
+    with torch.no_grad():
+        head.maniqa.fc_score[3].bias.fill_(-50.0)
+    vit = tiny_batch()["vit"]
+    f, _ = head.maniqa(vit)
+    head({"vit": vit}).sum().backward()
+    grad = head.maniqa.conv1.weight.grad.abs().sum()
+    if act == "relu":
+        assert (f == 0).all() and grad == 0
+    else:
+        assert (f > 0).all() and grad > 0
+
+
+def test_score_act_is_checked():
+    with pytest.raises(ValueError, match="score_act must be one of"):
+        tiny_head(score_act="gelu")
+
+
 def test_tab_matches_direct_computation():
     torch.manual_seed(0)
     b, c, n = 2, 6, 16

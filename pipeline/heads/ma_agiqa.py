@@ -62,7 +62,8 @@ class MAAGIQA(nn.Module):
     the rows of ``batch["semantic"]``), ``afm_width`` (784), ``shared_hidden`` (256, hidden width of
     the shared experts), ``drop`` (0.1, every dropout), and the MANIQA branch's ``embed_dim`` (768),
     ``dim_mlp`` (768), ``window_size`` (4), ``depths`` ([2, 2]), ``num_heads`` ([4, 4]), ``num_tab`` (2),
-    ``scale`` (0.8), ``drop_path`` (0.1, stochastic-depth maximum).
+    ``scale`` (0.8), ``drop_path`` (0.1, stochastic-depth maximum), ``score_act`` ("relu", see
+    ``ManiqaBranch``).
     """
 
     def __init__(

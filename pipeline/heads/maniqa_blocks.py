@@ -112,11 +112,20 @@ def _patch_head(dim: int, n_out: int, drop: float, act: nn.Module) -> nn.Sequent
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(drop), nn.Linear(dim, n_out), act)
 
 
+SCORE_ACTIVATIONS = {"relu": nn.ReLU, "softplus": nn.Softplus}
+
+
 class ManiqaBranch(nn.Module):
     """Float ViT tokens (B, N, C) -> per-patch score f >= 0 and weight 0 < w < 1, each (B, N, n_scores).
 
     TAB x num_tab -> 1x1 conv C->embed_dim -> Swin stage -> TAB x num_tab -> 1x1 conv to embed_dim // 2
-    -> Swin stage -> fc_score (ReLU) and fc_weight (Sigmoid) per token. The token grid stays sqrt(N).
+    -> Swin stage -> fc_score and fc_weight (Sigmoid) per token. The token grid stays sqrt(N).
+
+    ``score_act``: the last activation of fc_score. ``relu`` is the original's. Its single unit can be
+    dead at initialisation (negative for every patch of every image), and then the branch gives
+    f = 0 and no gradient, for good: a MA-AGIQA head trains on its semantic streams alone and nothing
+    says so. ``softplus`` (also >= 0, never dead) avoids that. ``benchmarks/maniqa_init.py`` counts
+    how often it happens.
     """
 
     def __init__(
@@ -133,8 +142,11 @@ class ManiqaBranch(nn.Module):
         scale: float = 0.8,
         drop: float = 0.1,
         drop_path: float = 0.1,
+        score_act: str = "relu",
     ) -> None:
         super().__init__()
+        if score_act not in SCORE_ACTIVATIONS:
+            raise ValueError(f"score_act must be one of {sorted(SCORE_ACTIVATIONS)}; got {score_act!r}")
         grid = math.isqrt(n_tokens)
         if grid * grid != n_tokens or grid % window_size:
             raise ValueError(
@@ -159,7 +171,7 @@ class ManiqaBranch(nn.Module):
         self.tab2 = nn.Sequential(*(TAB(n_tokens, drop) for _ in range(num_tab)))
         self.conv2 = nn.Conv2d(embed_dim, half, kernel_size=1)
         self.swin2 = SwinStage(half, **stage)
-        self.fc_score = _patch_head(half, n_scores, drop, nn.ReLU())
+        self.fc_score = _patch_head(half, n_scores, drop, SCORE_ACTIVATIONS[score_act]())
         self.fc_weight = _patch_head(half, n_scores, drop, nn.Sigmoid())
 
     def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:

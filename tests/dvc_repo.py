@@ -1,0 +1,47 @@
+"""Run the demo DAG through DVC in a throwaway git repo: the helpers the DVC-level tests share."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# The stages' `python` and `dvc` must be this interpreter's, also when pytest runs unactivated.
+STAGE_ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+}
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+def run_in(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    """Run a command (``dvc ...`` with this interpreter's DVC) in ``cwd``; fail the test with its output."""
+    if args[0] == "dvc":
+        args = [sys.executable, "-m", "dvc", *args[1:]]
+    proc = subprocess.run(args, cwd=cwd, env=STAGE_ENV, capture_output=True, text=True, **kw)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def snapshot_repo(dest: Path) -> Path:
+    """A git repo at ``dest`` holding the working tree's tracked and untracked-not-ignored files.
+
+    Nothing DVC caches comes along, so its stages run for real.
+    """
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes(src.read_bytes())
+    run_in(["git", "init", "-q"], dest)
+    run_in([*GIT, "add", "-A"], dest)
+    run_in([*GIT, "commit", "-qm", "snapshot"], dest)
+    run_in(["dvc", "config", "--local", "core.check_update", "false"], dest)
+    return dest
