@@ -62,13 +62,15 @@ def test_vit_tokens_equal_block_outputs_read_by_hooks(encoders, image):
         h.remove()
     expected = torch.cat([captured[b][:, 1:] for b in (6, 7, 8, 9)], dim=-1)
     got = enc.encode(pixels)["features"]
-    assert got.shape == (1, 144, 4 * enc.model.embed_dim)
+    side = enc.model.patch_embed.grid_size[0]
+    assert got.shape == (1, side * side, 4 * enc.model.embed_dim)
     np.testing.assert_allclose(got, expected.numpy(), rtol=2e-3, atol=2e-3)  # float16 storage
 
 
-def test_vit_preprocess_is_whole_image_bicubic_half_normalised(encoders, image):
+def test_vit_preprocess_is_whole_image_bicubic_half_normalised(encoders, image, params):
     x = encoders["vit"].preprocess(image)
-    ref = np.asarray(image.resize((96, 96), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    size = params["extract"]["vit"]["demo"]["img_size"]
+    ref = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255
     np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), (ref - 0.5) / 0.5, atol=1e-6)
 
 

@@ -33,7 +33,8 @@ def test_each_view_is_the_encoder_on_the_transformed_image(vit_cfg):
     enc = create_encoder("vit", {**vit_cfg, "views": views}, "demo")
     plain = create_encoder("vit", vit_cfg, "demo")
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)) for _ in range(2)]
+    size = vit_cfg["demo"]["img_size"]
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(2)]
     out = enc.encode(torch.stack([enc.preprocess(im) for im in images]))
     n_tokens, channels = plain.shape
     assert enc.schema()["views"] == ((len(PIL_VIEWS), n_tokens, channels), "float16")
