@@ -19,10 +19,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from pipeline.mplug_owl2.config import AbstractorConfig, MplugOwl2Config, VisionConfig
-from pipeline.mplug_owl2.extract import SemanticExtractor
-from pipeline.mplug_owl2.model import IMAGE_TOKEN_INDEX, MplugOwl2
-from pipeline.mplug_owl2.tiny import randomize_
+from pipeline.encoders.semantic.mplug_owl2.config import AbstractorConfig, MplugOwl2Config, VisionConfig
+from pipeline.encoders.semantic.mplug_owl2.extract import SemanticExtractor
+from pipeline.encoders.semantic.mplug_owl2.model import IMAGE_TOKEN_INDEX, MplugOwl2
+from pipeline.encoders.semantic.mplug_owl2.tiny import randomize_
 
 # A scaled-down model with the real token geometry on the LLM side (65 visual tokens, MA-AGIQA's prompt
 # lengths) and about the real split of work between the vision side and one decoder pass.

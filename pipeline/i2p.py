@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.data import load_rgb
-from pipeline.encoders.transforms import resize_normalize
+from pipeline.encoders.common import resize_normalize
 
 WEIGHTS = "image_tower.safetensors"
 RECORD = "i2p.json"

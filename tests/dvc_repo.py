@@ -16,13 +16,29 @@ STAGE_ENV = {
     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
 }
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+# The demo shrunk for DVC-level tests: fewer images, folds and epochs, set with -S as a user would.
+SHRINK = [
+    "data.demo.n_prompts=16",
+    "data.demo.images_per_prompt=5",
+    "split.grouped_kfold.k=3",
+    "probe.recipe.epochs=4",
+    "ma_agiqa.recipe.epochs=2",
+    "ipiqa.recipe.epochs=2",
+]
 
 
-def run_in(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
-    """Run a command (``dvc ...`` with this interpreter's DVC) in ``cwd``; fail the test with its output."""
+def run_in(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, **kw
+) -> subprocess.CompletedProcess:
+    """Run a command (``dvc ...`` with this interpreter's DVC) in ``cwd``; fail the test with its output.
+
+    ``env`` adds variables to STAGE_ENV (e.g. ``traced_env``'s).
+    """
     if args[0] == "dvc":
         args = [sys.executable, "-m", "dvc", *args[1:]]
-    proc = subprocess.run(args, cwd=cwd, env=STAGE_ENV, capture_output=True, text=True, **kw)
+    proc = subprocess.run(
+        args, cwd=cwd, env={**STAGE_ENV, **(env or {})}, capture_output=True, text=True, **kw
+    )
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -45,3 +61,10 @@ def snapshot_repo(dest: Path) -> Path:
     run_in([*GIT, "commit", "-qm", "snapshot"], dest)
     run_in(["dvc", "config", "--local", "core.check_update", "false"], dest)
     return dest
+
+
+def traced_env(repo: Path, log: Path) -> dict[str, str]:
+    """Variables that make every Python process log the project files it imported (tests/import_trace)."""
+    tracer = Path(__file__).parent / "import_trace"
+    path = os.pathsep.join(p for p in (str(tracer), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "AGIQA_IMPORT_LOG": str(log), "AGIQA_IMPORT_ROOT": str(repo)}

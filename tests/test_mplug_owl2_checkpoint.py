@@ -13,16 +13,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from pipeline.mplug_owl2.checkpoint import (
+from pipeline.encoders.common import state_digest
+from pipeline.encoders.semantic.mplug_owl2.checkpoint import (
     CheckpointError,
     load_model,
     resolve_checkpoint,
     save_checkpoint,
-    state_digest,
     weights_digest,
 )
-from pipeline.mplug_owl2.config import ConfigError, MplugOwl2Config, VisionConfig
-from pipeline.mplug_owl2.tiny import TINY_CONFIG, ensure_tiny_checkpoint, tiny_model
+from pipeline.encoders.semantic.mplug_owl2.config import ConfigError, MplugOwl2Config, VisionConfig
+from pipeline.encoders.semantic.mplug_owl2.tiny import TINY_CONFIG, ensure_tiny_checkpoint, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "mplug-owl2-tiny"
@@ -202,7 +202,7 @@ def test_host_memory_holds_one_shard_at_a_time(tmp_path):
         vision=TINY_CONFIG.vision, abstractor=TINY_CONFIG.abstractor,
     )  # fmt: skip
     with torch.device("meta"):
-        from pipeline.mplug_owl2.model import MplugOwl2
+        from pipeline.encoders.semantic.mplug_owl2.model import MplugOwl2
 
         model = MplugOwl2(cfg)
     save_checkpoint(model.to_empty(device="cpu"), tmp_path)
@@ -210,7 +210,7 @@ def test_host_memory_holds_one_shard_at_a_time(tmp_path):
     largest = max(f.stat().st_size for f in tmp_path.glob("*.bin"))
     child = textwrap.dedent(f"""
         import re, torch
-        from pipeline.mplug_owl2.checkpoint import load_model
+        from pipeline.encoders.semantic.mplug_owl2.checkpoint import load_model
         def kb(field):
             return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
         with torch.device("meta"):  # the first meta init imports torch's decompositions (~150 MB)

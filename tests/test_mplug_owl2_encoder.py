@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from pipeline.encoders import create_encoder
-from pipeline.mplug_owl2.checkpoint import load_model
-from pipeline.mplug_owl2.processing import build_prompt, load_tokenizer, tokenize_prompt
-from pipeline.mplug_owl2.tiny import TINY_CONFIG, ensure_tiny_checkpoint
+from pipeline.encoders.semantic.mplug_owl2.checkpoint import load_model
+from pipeline.encoders.semantic.mplug_owl2.processing import build_prompt, load_tokenizer, tokenize_prompt
+from pipeline.encoders.semantic.mplug_owl2.tiny import TINY_CONFIG, ensure_tiny_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPTS = [
@@ -121,7 +121,7 @@ def test_paper_profile_on_a_local_folder(tmp_path):
     ("overrides", "kwargs", "match"),
     [
         ({"prompts": []}, {}, "prompts must be a non-empty list"),
-        ({}, {"dtype": "int8"}, "dtype must be one of"),
+        ({}, {"dtype": "int8"}, "dtype must be auto or one of"),
         ({"checkpoint": None}, {}, "checkpoint is required"),
         ({"prompt_template": "USER: {question} ASSISTANT:"}, {}, "must contain '<|image|>'"),
         ({"pooling": "max"}, {}, "pooling must be one of"),

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from pipeline.mplug_owl2.checkpoint import load_model
-from pipeline.mplug_owl2.config import MplugOwl2Config
-from pipeline.mplug_owl2.model import MplugOwl2, abstractor_positions
+from pipeline.encoders.semantic.mplug_owl2.checkpoint import load_model
+from pipeline.encoders.semantic.mplug_owl2.config import MplugOwl2Config
+from pipeline.encoders.semantic.mplug_owl2.model import MplugOwl2, abstractor_positions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "mplug-owl2-tiny"

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
-from pipeline.mplug_owl2.checkpoint import CheckpointError, resolve_checkpoint
-from pipeline.mplug_owl2.config import MplugOwl2Config
-from pipeline.mplug_owl2.processing import (
+from pipeline.encoders.semantic.mplug_owl2.checkpoint import CheckpointError, resolve_checkpoint
+from pipeline.encoders.semantic.mplug_owl2.config import MplugOwl2Config
+from pipeline.encoders.semantic.mplug_owl2.processing import (
     CLIP_MEAN,
     CLIP_STD,
     ImagePreprocessor,
@@ -22,7 +22,7 @@ from pipeline.mplug_owl2.processing import (
     load_tokenizer,
     tokenize_prompt,
 )
-from pipeline.mplug_owl2.tiny import byte_tokenizer, ensure_tiny_checkpoint
+from pipeline.encoders.semantic.mplug_owl2.tiny import byte_tokenizer, ensure_tiny_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,4 +1,5 @@
-"""The demo DAG through DVC in a throwaway clone: repro, an ablation that skips stage 1, a killed extract.
+"""The demo DAG through DVC in a throwaway clone: repro, an ablation that skips stage 1, a killed extract,
+and every stage's code deps against what it really imported.
 
 This is the quickstart contract (`dvc repro`, `dvc exp run -S`, `dvc metrics diff`) run for real
 on a shrunken demo (fewer images and epochs, set with `-S` exactly as a user would).
@@ -7,6 +8,7 @@ on a shrunken demo (fewer images and epochs, set with `-S` exactly as a user wou
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,17 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from dvc_repo import GIT, snapshot_repo
+from dvc_repo import GIT, SHRINK, snapshot_repo, traced_env
 from dvc_repo import run_in as _run
-
-SHRINK = [
-    "data.demo.n_prompts=16",
-    "data.demo.images_per_prompt=5",
-    "split.grouped_kfold.k=3",
-    "probe.recipe.epochs=4",
-    "ma_agiqa.recipe.epochs=2",
-    "ipiqa.recipe.epochs=2",
-]
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +28,7 @@ def repo(tmp_path_factory) -> Path:
     """A snapshot of the working tree after one shrunken demo run, committed."""
     dest = snapshot_repo(tmp_path_factory.mktemp("clone"))
     args = [a for s in SHRINK for a in ("-S", s)]
-    _run(["dvc", "exp", "run", *args], dest)
+    _run(["dvc", "exp", "run", *args], dest, env=traced_env(dest, dest.parent / "imports.jsonl"))
     _run([*GIT, "add", "-A"], dest)
     _run([*GIT, "commit", "-qm", "baseline"], dest)
     return dest
@@ -111,3 +104,54 @@ def test_killed_extract_resumes_without_recomputing_finished_chunks(repo):
     assert int(m.group(1)) <= total - committed
     with h5py.File(out) as a, h5py.File(repo / "features" / "demo" / "vit.h5") as b:
         np.testing.assert_array_equal(a["features"][()], b["features"][()])
+
+
+def _traced_stages(repo: Path, log: Path) -> dict[str, list[str]]:
+    """Stage name -> project files its process imported, matched by command line."""
+    from dvc.repo import Repo
+
+    runs = {}
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        script = Path(entry["argv"][0])
+        if script.parent == repo / "stages":
+            runs[(f"stages.{script.stem}", *entry["argv"][1:])] = entry["files"]
+    with Repo(str(repo)) as dvc:
+        commands = {s.addressing: shlex.split(s.cmd) for s in dvc.index.stages}
+    return {name: runs[tuple(cmd[2:])] for name, cmd in commands.items() if tuple(cmd[2:]) in runs}
+
+
+def _code_deps(repo: Path, stage: str) -> list[str]:
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc:
+        (found,) = [s for s in dvc.index.stages if s.addressing == stage]
+        return [d.def_path for d in found.deps if d.def_path.startswith(("stages/", "pipeline/"))]
+
+
+def _dep_problems(repo: Path, stage: str, imported: list[str]) -> list[str]:
+    """Imported files outside every code dep; code deps never imported; folders with modules not imported."""
+    deps = _code_deps(repo, stage)
+    imported = [f for f in imported if f.startswith(("stages/", "pipeline/"))]
+
+    def under(file: str, dep: str) -> bool:
+        return file == dep or file.startswith(dep.rstrip("/") + "/")
+
+    problems = [f"imports {f}, not under any dep" for f in imported if not any(under(f, d) for d in deps)]
+    problems += [f"declares {d}, never imported" for d in deps if not any(under(f, d) for f in imported)]
+    for dep in (d for d in deps if (repo / d).is_dir()):
+        modules = {p.relative_to(repo).as_posix() for p in (repo / dep).rglob("*.py")}
+        problems += [f"declares {dep} but never imports {m}" for m in sorted(modules - set(imported))]
+    return problems
+
+
+def test_every_stage_depends_on_exactly_the_code_it_imports(repo):
+    """Each stage process was traced (tests/import_trace): its deps cover what it imported, nothing more."""
+    traced = _traced_stages(repo, repo.parent / "imports.jsonl")
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc:
+        stages = {s.addressing for s in dvc.index.stages}
+    assert set(traced) == stages, f"stages not traced: {sorted(stages - set(traced))}"
+    problems = {stage: p for stage in sorted(traced) if (p := _dep_problems(repo, stage, traced[stage]))}
+    assert not problems, json.dumps(problems, indent=2)

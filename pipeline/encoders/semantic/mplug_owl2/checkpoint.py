@@ -10,7 +10,6 @@ shard, so host memory holds one shard at a time (plus the model itself when the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import torch
 from huggingface_hub import snapshot_download
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from pipeline.encoders.common import combine_digests, tensor_digest
 
 from .config import MplugOwl2Config
 from .model import MplugOwl2
@@ -154,27 +155,12 @@ def load_model(
     return model.requires_grad_(False).eval()
 
 
-def _tensor_hash(key: str, t: Tensor) -> str:
-    h = hashlib.sha256(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-    h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _combine(hashes: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
-
-
-def state_digest(tensors: dict[str, Tensor]) -> str:
-    """sha256 over every tensor (name, dtype, shape, bytes), independent of order."""
-    return _combine({key: _tensor_hash(key, t) for key, t in tensors.items()})
-
-
 def weights_digest(directory: Path) -> str:
     """`state_digest` of a checkpoint's stored tensors, read shard by shard; any sharding or format."""
     hashes = {}
     for file in weight_shards(directory)[1]:
-        hashes |= {key: _tensor_hash(key, t) for key, t in read_shard(directory / file).items()}
-    return _combine(hashes)
+        hashes |= {key: tensor_digest(key, t) for key, t in read_shard(directory / file).items()}
+    return combine_digests(hashes)
 
 
 def save_checkpoint(model: MplugOwl2, directory: Path, safetensors: bool = False) -> None:

@@ -24,7 +24,7 @@ import timm
 import torch
 
 from pipeline.encoders import register_encoder
-from pipeline.encoders.transforms import resize_normalize, torch_dtype
+from pipeline.encoders.common import resize_normalize, state_digest, torch_dtype
 
 # Image transforms on (B, 3, H, W) pixels; rotations are counter-clockwise, as np.rot90 and PIL's rotate.
 VIEWS = {
@@ -69,6 +69,7 @@ class ViTTokens:
             raise ValueError(
                 f"extract.vit.blocks {self.blocks} but the model has {len(self.model.blocks)} blocks"
             )
+        self.weights_sha256 = state_digest(self.model.state_dict())
         self.model.eval().requires_grad_(False).to(device=device, dtype=self.dtype)
         data_cfg = self.model.pretrained_cfg
         self.size = int(self.model.patch_embed.img_size[0])
@@ -83,6 +84,7 @@ class ViTTokens:
             "model": self.cfg["model"],
             "pretrained": self.cfg.get("pretrained") if self.profile == "paper" else "random",
             "demo": self.cfg["demo"] if self.profile == "demo" else None,
+            "weights_sha256": self.weights_sha256,
             "blocks": self.blocks,
             "views": self.views,
             "img_size": self.size,

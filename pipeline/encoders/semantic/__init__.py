@@ -17,18 +17,19 @@ import torch
 from PIL import Image
 
 from pipeline.encoders import register_encoder
-from pipeline.mplug_owl2.checkpoint import load_model, resolve_checkpoint, weights_digest
-from pipeline.mplug_owl2.extract import POOLINGS, SemanticExtractor
-from pipeline.mplug_owl2.processing import (
+from pipeline.encoders.common import torch_dtype
+
+from .mplug_owl2.checkpoint import load_model, resolve_checkpoint, weights_digest
+from .mplug_owl2.extract import POOLINGS, SemanticExtractor
+from .mplug_owl2.processing import (
     PROMPT_TEMPLATE,
     ImagePreprocessor,
     build_prompt,
     load_tokenizer,
     tokenize_prompt,
 )
-from pipeline.mplug_owl2.tiny import ensure_tiny_checkpoint
+from .mplug_owl2.tiny import ensure_tiny_checkpoint
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_CACHE_DIR = ".cache/agiqa"
 
 # MA-AGIQA's two questions (getFeature.py), by the names its loader gives their features. A params
@@ -43,8 +44,7 @@ MA_AGIQA_PROMPTS = {
 @register_encoder("semantic")
 class SemanticEncoder:
     def __init__(self, cfg: dict[str, Any], profile: str, device: str = "cpu", dtype: str = "float32"):
-        if dtype not in DTYPES:
-            raise ValueError(f"extract.semantic: dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        compute_dtype = torch_dtype(dtype)
         prompts = cfg.get("prompts")
         if not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise ValueError("extract.semantic.prompts must be a non-empty list of non-empty strings")
@@ -75,7 +75,7 @@ class SemanticEncoder:
             # A hub commit pins the weights; a local folder is identified by its content.
             self.source |= {"revision": commit} if commit else {"weights_sha256": weights_digest(directory)}
 
-        model = load_model(directory, dtype=DTYPES[dtype], device=device)
+        model = load_model(directory, dtype=compute_dtype, device=device)
         tokenizer = load_tokenizer(directory)
         self.prompt_ids = [tokenize_prompt(chat, tokenizer) for chat in chats]
         self.extractor = SemanticExtractor(model, self.prompt_ids, self.pooling, self.hidden_layer)

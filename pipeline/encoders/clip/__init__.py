@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.encoders import register_encoder
-from pipeline.encoders.transforms import resize_normalize, torch_dtype
+from pipeline.encoders.common import resize_normalize, state_digest, torch_dtype
 from pipeline.i2p import sha256_file
 
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
@@ -71,7 +71,9 @@ class ClipFeatures:
         self.dtype = torch_dtype(dtype)
         tower = cfg.get("image_tower")
         self.i2p = sha256_file(tower) if tower else None
-        self.model = build_clip_model(cfg, profile, tower).to(device=device, dtype=self.dtype)
+        model = build_clip_model(cfg, profile, tower)
+        self.weights_sha256 = state_digest(model.state_dict())
+        self.model = model.to(device=device, dtype=self.dtype)
         self.arch = cfg["model"] if profile == "paper" else cfg["demo"]["model"]
         self.size = int(cfg["img_size"] if profile == "paper" else cfg["demo"]["img_size"])
         self.mean, self.std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
@@ -86,6 +88,7 @@ class ClipFeatures:
             "model": self.arch,
             "pretrained": self.cfg["pretrained"] if self.profile == "paper" else "random",
             "demo": self.cfg["demo"] if self.profile == "demo" else None,
+            "weights_sha256": self.weights_sha256,
             "img_size": self.size,
             "feature": "trunk layer4 map before attnpool",
             "compute_dtype": str(self.dtype).removeprefix("torch."),

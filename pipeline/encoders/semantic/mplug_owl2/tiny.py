@@ -15,7 +15,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from .checkpoint import save_checkpoint, state_digest
+from pipeline.encoders.common import state_digest
+
+from .checkpoint import save_checkpoint
 from .config import AbstractorConfig, MplugOwl2Config, VisionConfig
 from .model import MplugOwl2
 

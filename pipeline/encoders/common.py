@@ -1,0 +1,65 @@
+"""What every encoder shares: compute dtypes, the papers' whole-image resize, and weights digests.
+
+Both papers resize the whole image to a square without cropping (MA-AGIQA: 224 bicubic,
+IP-IQA: 512 bicubic), so the library transforms (resize shorter side + centre crop) would
+change what the heads see. PIL bicubic differs from MA-AGIQA's cv2 INTER_CUBIC by rounding only.
+
+A store's provenance names the weights it was computed with by ``state_digest``: a hub tag or a
+file name can point at other bytes tomorrow, a digest of the tensors cannot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# `extract.dtype: auto`: what each profile computes in. The demo is a CPU check of the code (float32);
+# the paper profile runs the 7B model on a GPU, where bfloat16 halves memory (about 15 GB, not 28).
+AUTO_DTYPE = {"demo": "float32", "paper": "bfloat16"}
+
+
+def resolve_dtype(name: str, profile: str) -> str:
+    """``extract.dtype`` -> a name in DTYPES; ``auto`` depends on the profile only, never on the device."""
+    resolved = AUTO_DTYPE[profile] if name == "auto" else name
+    if resolved not in DTYPES:
+        raise ValueError(f"extract.dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return resolved
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'float32' | 'float16' | 'bfloat16' -> torch dtype, with an error naming the bad value."""
+    if name not in DTYPES:
+        raise ValueError(f"extract.dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def resize_normalize(
+    image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """RGB PIL image -> float32 (3, size, size), bicubic resize, (x/255 - mean) / std."""
+    resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def tensor_digest(key: str, t: torch.Tensor) -> str:
+    """sha256 of one named tensor: name, dtype, shape and bytes."""
+    h = hashlib.sha256(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+    h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def combine_digests(digests: dict[str, str]) -> str:
+    """One sha256 over per-tensor digests, independent of their order."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+def state_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor of a state dict (name, dtype, shape, bytes), independent of order."""
+    return combine_digests({key: tensor_digest(key, t) for key, t in tensors.items()})

@@ -1,0 +1,45 @@
+"""Two demo repros give the same bytes, whatever the `runtime` settings (slow: runs DVC twice).
+
+`runtime` is deliberately not a DVC param: changing it re-runs nothing, so it must not change a
+byte of what a run writes. The second run changes every runtime key at once (batch sizes, chunk
+size, workers, a memory budget so small that stage 2 streams every store), in a second clone; every
+output file of both runs must be byte-identical: manifests and images, splits, HDF5 stores (written
+without timestamps), trained weights, predictions, curves, metrics and the report.
+"""
+
+from pathlib import Path
+
+import pytest
+from dvc_repo import SHRINK, run_in, snapshot_repo
+
+pytestmark = pytest.mark.slow
+
+OUTPUTS = ("data", "splits", "features", "models", "runs", "metrics", "reports")
+RUNTIME = [
+    "runtime.device=cpu",
+    "runtime.batch_size=3",
+    "runtime.num_workers=1",
+    "runtime.chunk_rows=7",
+    "runtime.eval_batch_size=5",
+    "runtime.memory_budget_gb=0.00005",
+]
+
+
+def _repro(dest: Path, extra: list[str]) -> dict[str, bytes]:
+    repo = snapshot_repo(dest)
+    run_in(["dvc", "exp", "run", *[a for s in [*SHRINK, *extra] for a in ("-S", s)]], repo)
+    files = {}
+    for top in OUTPUTS:
+        for path in sorted((repo / top).rglob("*")):
+            if path.is_file() and path.name != ".gitignore":
+                files[path.relative_to(repo).as_posix()] = path.read_bytes()
+    return files
+
+
+def test_runtime_settings_change_no_output_byte(tmp_path):
+    first = _repro(tmp_path / "a", [])
+    second = _repro(tmp_path / "b", RUNTIME)
+    assert set(first) == set(second)
+    assert any(name.endswith(".h5") for name in first) and any(n.endswith("predictions.csv") for n in first)
+    differ = sorted(name for name in first if first[name] != second[name])
+    assert not differ, f"{len(differ)} of {len(first)} files differ: {differ[:20]}"
