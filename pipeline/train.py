@@ -63,11 +63,11 @@ class RunConfig:
     """
 
     seed: int = 0
-    device: str = "auto"
-    select: str = "val"
-    target_norm: str = "minmax"
+    device: str = "auto"  # device, memory_budget_gb and eval_batch_size come from params `runtime`
     memory_budget_gb: float = 4.0
     eval_batch_size: int = 64
+    select: str = "val"
+    target_norm: str = "minmax"
     view_prob: float = 0.5
     shuffle_labels: bool = False
 

@@ -210,7 +210,9 @@ def main(
     out_dir: Path,
 ) -> None:
     p = nest(read_params(PARAMS))
-    run = RunConfig(**p["train"], device=resolve_device(runtime()["device"]))
+    rt = runtime()
+    speed = {k: rt[k] for k in ("memory_budget_gb", "eval_batch_size")}
+    run = RunConfig(**p["train"], device=resolve_device(rt["device"]), **speed)
     source = Dataset.load(train_dataset, train_manifest, train_splits, train_features)
     target = Dataset.load(test_dataset, test_manifest, test_splits, test_features)
     check_pairing(source, target)

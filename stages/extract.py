@@ -25,7 +25,7 @@ from pipeline.i2p import adapted_tower
 from pipeline.store import StoreWriter
 from stages import read_manifest, read_params, resolve_device, runtime
 
-PARAMS = ("profile", "extract.dtype", "extract.chunk_rows", "extract.{encoder}")
+PARAMS = ("profile", "extract.dtype", "extract.{encoder}")
 
 
 class Images(Dataset):
@@ -69,7 +69,7 @@ def main(
     enc = create_encoder(encoder, cfg, p["profile"], device=device, dtype=p["extract.dtype"])
     provenance = {**enc.provenance(), "dataset": dataset, "manifest_hash": manifest_hash(manifest)}
     ids = manifest["image_id"].tolist()
-    with StoreWriter(out, ids, provenance, enc.schema(), chunk_rows=p["extract.chunk_rows"]) as writer:
+    with StoreWriter(out, ids, provenance, enc.schema(), chunk_rows=rt["chunk_rows"]) as writer:
         pending = writer.pending()
         todo = sum(stop - start for start, stop in pending)
         images = Images([root / path for path in manifest["path"]], enc.preprocess)

@@ -133,7 +133,9 @@ def main(
     if family not in PARAMS:
         raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
     p = nest(read_params(PARAMS[family]))
-    run = RunConfig(**p["train"], device=resolve_device(runtime()["device"]))
+    rt = runtime()
+    speed = {k: rt[k] for k in ("memory_budget_gb", "eval_batch_size")}
+    run = RunConfig(**p["train"], device=resolve_device(rt["device"]), **speed)
     manifest = read_manifest(manifest_path)
     splits = read_splits(splits_path)
     prompts = sorted(set(manifest["prompt"]))

@@ -117,16 +117,21 @@ def _traced_stages(repo: Path, log: Path) -> dict[str, list[str]]:
         if script.parent == repo / "stages":
             runs[(f"stages.{script.stem}", *entry["argv"][1:])] = entry["files"]
     with Repo(str(repo)) as dvc:
-        commands = {s.addressing: shlex.split(s.cmd) for s in dvc.index.stages}
+        commands = {s.name: shlex.split(s.cmd) for s in dvc.index.stages}
     return {name: runs[tuple(cmd[2:])] for name, cmd in commands.items() if tuple(cmd[2:]) in runs}
+
+
+def _is_code(repo: Path, dep: str) -> bool:
+    """A project module or package folder (data files such as pipeline/anchors.csv are read, not imported)."""
+    return dep.startswith(("stages/", "pipeline/")) and (dep.endswith(".py") or (repo / dep).is_dir())
 
 
 def _code_deps(repo: Path, stage: str) -> list[str]:
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc:
-        (found,) = [s for s in dvc.index.stages if s.addressing == stage]
-        return [d.def_path for d in found.deps if d.def_path.startswith(("stages/", "pipeline/"))]
+        (found,) = [s for s in dvc.index.stages if s.name == stage]
+        return [d.def_path for d in found.deps if _is_code(repo, d.def_path)]
 
 
 def _dep_problems(repo: Path, stage: str, imported: list[str]) -> list[str]:
@@ -151,7 +156,7 @@ def test_every_stage_depends_on_exactly_the_code_it_imports(repo):
     from dvc.repo import Repo
 
     with Repo(str(repo)) as dvc:
-        stages = {s.addressing for s in dvc.index.stages}
+        stages = {s.name for s in dvc.index.stages}
     assert set(traced) == stages, f"stages not traced: {sorted(stages - set(traced))}"
     problems = {stage: p for stage in sorted(traced) if (p := _dep_problems(repo, stage, traced[stage]))}
     assert not problems, json.dumps(problems, indent=2)
