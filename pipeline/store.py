@@ -11,17 +11,27 @@ Layout of ``features/<ds>/<encoder>.h5``:
   ``schema``, each stored as a JSON string so that comparison is exact and typed.
 
 Writing is resumable. Rows go to a scratch file (``<out>.partial``, outside DVC's reach, since DVC
-deletes a stage's outputs before running it) whose datasets are allocated in full when it is
-created. Committing a chunk then only fills bytes in place and sets its flags in a ``_done`` mask;
-no HDF5 metadata changes, so a killed writer leaves a readable file that loses at most the chunk
-in flight, and the final bytes do not depend on the order or the number of runs that wrote the
-rows. When every row is done the file is renamed onto ``<out>``.
+deletes a stage's outputs before running it) whose datasets, extras included, are all written or
+allocated in full when it is created (into ``<out>.partial.creating``, renamed when complete).
+Committing a chunk then only fills bytes in place and sets its flags in a ``_done`` mask; no HDF5
+metadata changes, so a killed writer leaves a readable file that loses at most the chunk in
+flight, and the final bytes do not depend on the order or the number of runs that wrote the rows.
+When every row is done the file is renamed onto ``<out>`` and the folder is fsynced.
+
+One writer at a time: the writer holds an exclusive ``fcntl`` lock on ``<out>.writer.lock`` for its
+whole life (the kernel drops it when the process dies, so a killed writer never leaves a stale
+lock); a second writer stops with the first one's PID and host. A scratch file made for anything
+else (other provenance, ids, schema or extras; or unreadable) is renamed aside,
+``<out>.partial.discarded-<time>``, never deleted: it may hold hours of GPU work.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -39,7 +49,56 @@ CHUNK_BYTES = 1 << 20  # target size of one HDF5 chunk (h5py's default chunk cac
 GAP_BYTES = 256 << 10  # reading through a gap this small costs less than one more h5py call (~80 us)
 SPAN_BYTES = 8 << 20  # largest temporary buffer used to read through gaps
 
+LOCK_SUFFIX = ".writer.lock"
+
 Schema = dict[str, tuple[tuple[int, ...], str]]
+
+
+class StoreBusy(RuntimeError):
+    """Another live process is writing the same store."""
+
+
+class WriterLock:
+    """An exclusive ``flock`` on ``<store>.writer.lock``, naming its holder inside the file.
+
+    The lock file is never deleted: unlinking it while another process waits on it would let two
+    writers hold locks on different inodes of the same name.
+    """
+
+    def __init__(self, store: Path, wait_s: float = 0.0):
+        self.path = store.with_name(store.name + LOCK_SUFFIX)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = self.path.read_text().strip() or "another process"
+                    os.close(self._fd)
+                    raise StoreBusy(
+                        f"{store} is in use by {holder} (lock {self.path}); wait for that run to end "
+                        "or stop it, then rerun: finished chunks are kept"
+                    ) from None
+                time.sleep(0.1)
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = -1
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX: a rename is only on disk once its folder is)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class StoreMismatch(ValueError):
@@ -103,6 +162,17 @@ def _utf8(values: np.ndarray) -> np.ndarray:
     return np.array(encoded, dtype=h5py.string_dtype("utf-8", width)).reshape(values.shape)
 
 
+def _extra_array(array) -> np.ndarray:
+    """A non-row dataset as stored: text as fixed-width UTF-8, anything else as it is."""
+    array = np.asarray(array)
+    return _utf8(array) if array.dtype.kind in "OUS" else array
+
+
+def _same(dataset: h5py.Dataset, array: np.ndarray) -> bool:
+    same_layout = dataset.shape == array.shape and dataset.dtype == array.dtype
+    return same_layout and np.array_equal(dataset[()], array)
+
+
 def _row_dataset_options(n_rows: int, row_shape: tuple[int, ...], dtype: np.dtype, compression: str | None):
     """Chunks of whole rows (about CHUNK_BYTES); without compression, allocate all of it up front."""
     row_bytes = max(1, int(np.prod(row_shape)) * dtype.itemsize)
@@ -118,13 +188,14 @@ def _row_dataset_options(n_rows: int, row_shape: tuple[int, ...], dtype: np.dtyp
 class StoreWriter:
     """Writes a feature store chunk by chunk, resumably; use as a context manager.
 
-    ``schema`` maps dataset name -> (row shape, dtype name). Loop over ``pending()`` and ``write``
-    each range; leaving the ``with`` block normally with every row written renames the scratch
-    file onto ``path``. After an exception the scratch file stays, and a rerun with the same
-    provenance, ids and schema resumes from it. A scratch file that differs in any of these is
-    discarded with a warning. With ``compression`` (e.g. ``"gzip"``) chunks are allocated as they
-    are written, so a resumed file may differ in bytes (not in values) from a clean one, and a kill
-    in the middle of a write may cost the whole scratch file.
+    ``schema`` maps dataset name -> (row shape, dtype name); ``extras`` holds the non-row datasets
+    (e.g. text states per unique prompt), written when the scratch file is created. Loop over
+    ``pending()`` and ``write`` each range; leaving the ``with`` block normally with every row
+    written renames the scratch file onto ``path``. After an exception the scratch file stays, and
+    a rerun with the same provenance, ids, schema and extras resumes from it; one that differs is
+    set aside with a warning. ``wait_s``: how long to wait for another writer of the same store
+    before stopping with ``StoreBusy``. With ``compression`` (e.g. ``"gzip"``) chunks are allocated
+    as they are written, so a resumed file may differ in bytes (not in values) from a clean one.
     """
 
     def __init__(
@@ -135,48 +206,62 @@ class StoreWriter:
         schema: Schema,
         chunk_rows: int = 64,
         compression: str | None = None,
-        scratch: Path | None = None,
+        extras: dict[str, np.ndarray] | None = None,
+        wait_s: float = 0.0,
     ):
         self.path = Path(path)
-        self.partial = Path(scratch) if scratch else self.path.with_name(self.path.name + ".partial")
+        self.partial = self.path.with_name(self.path.name + ".partial")
         self.ids = [str(i) for i in image_ids]
         self.chunk_rows = int(chunk_rows)
         self.compression = compression
-        self._check_args(provenance, schema)
+        self._check_args(provenance, schema, extras or {})
         self.schema = {
             name: (tuple(map(int, shape)), np.dtype(dtype)) for name, (shape, dtype) in schema.items()
         }
+        self.extras = {name: _extra_array(array) for name, array in (extras or {}).items()}
         auto = {
             "package_version": pipeline.__version__,
             "format_version": FORMAT_VERSION,
             "schema": {name: [list(shape), dtype.name] for name, (shape, dtype) in self.schema.items()},
         }
         self.attrs = _encode({**provenance, **auto})
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self._resume()
-        if self._file is None:
-            self._create()
+        self._lock = WriterLock(self.path, wait_s)
+        try:
             self._file = self._resume()
-        self._done = self._file[DONE][()].astype(bool)
+            if self._file is None:
+                self._create()
+                self._file = self._resume()
+            if self._file is None:
+                raise RuntimeError(f"{self.partial}: a freshly created scratch file does not resume")
+            self._done = self._file[DONE][()].astype(bool)
+        except BaseException:
+            self._lock.release()
+            raise
 
-    def _check_args(self, provenance: dict, schema: Schema) -> None:
+    def _check_args(self, provenance: dict, schema: Schema, extras: dict) -> None:
         if not self.ids:
             raise ValueError(f"{self.path}: no image ids to write")
         if duplicates := sorted(i for i, count in Counter(self.ids).items() if count > 1):
             raise ValueError(f"{self.path}: duplicate image ids {duplicates[:5]} ({len(duplicates)} in all)")
         if reserved := sorted(set(provenance) & set(AUTO_KEYS)):
             raise ValueError(f"{self.path}: provenance keys {reserved} are set by the store itself")
-        if bad := sorted(n for n in schema if n in (IDS, DONE) or "/" in n or not n):
+        if bad := sorted(n for n in [*schema, *extras] if n in (IDS, DONE) or "/" in n or not n):
             raise ValueError(f"{self.path}: invalid dataset names {bad} (reserved, empty or containing '/')")
+        if both := sorted(set(schema) & set(extras)):
+            raise ValueError(f"{self.path}: {both} named both as row datasets and as extras")
         if self.chunk_rows < 1:
             raise ValueError(f"{self.path}: chunk_rows must be >= 1, got {self.chunk_rows}")
 
     def _resume(self) -> h5py.File | None:
-        """Open the scratch file if it was made for exactly this store; otherwise discard it and say why."""
+        """Open the scratch file if it was made for exactly this store; otherwise set it aside, saying why.
+
+        HDF5's own file locking is off for this open: this process holds the writer lock, and a
+        reader peeking at the scratch file (which takes HDF5's shared lock) must not stop a resume.
+        """
         if not self.partial.exists():
             return None
         try:
-            f = h5py.File(self.partial, "r+")
+            f = h5py.File(self.partial, "r+", locking=False)
         except OSError as e:
             reasons = [f"unreadable ({e})"]
         else:
@@ -187,8 +272,12 @@ class StoreWriter:
             if not reasons:
                 return f
             f.close()
-        warnings.warn(f"discarding {self.partial}: " + "; ".join(reasons), stacklevel=3)
-        self.partial.unlink()
+        aside = self.partial.with_name(f"{self.partial.name}.discarded-{time.strftime('%Y%m%dT%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
+        os.replace(self.partial, aside)
+        warnings.warn(f"set {self.partial} aside as {aside.name}: " + "; ".join(reasons), stacklevel=3)
         return None
 
     def _resume_mismatches(self, f: h5py.File) -> list[str]:
@@ -204,6 +293,11 @@ class StoreWriter:
             for n in self.schema
             if f[n].compression != self.compression
         ]
+        stored = sorted(set(f) - {*self.schema, IDS, DONE})
+        if stored != sorted(self.extras):
+            reasons.append(f"extras were {stored}, now {sorted(self.extras)}")
+        else:
+            reasons += [f"extra {n} differs" for n, a in self.extras.items() if not _same(f[n], a)]
         return reasons
 
     def _create(self) -> None:
@@ -211,18 +305,29 @@ class StoreWriter:
 
         HDF5 keeps some allocation state only in memory (space reserved for metadata, heaps it has
         read), so a clean run must reach its first row through the same close, reopen and checks
-        as a resumed one for both to end with the same bytes.
+        as a resumed one for both to end with the same bytes. The file is built under another name
+        and renamed when complete, so a kill here leaves no half-made scratch file.
         """
         n = len(self.ids)
-        with h5py.File(self.partial, "w") as f:
-            for key in sorted(self.attrs):  # fixed order, so the header bytes do not depend on dict order
-                f.attrs[key] = self.attrs[key]
-            f.create_dataset(IDS, data=_utf8(np.array(self.ids)), track_times=False)
-            for name, (shape, dtype) in self.schema.items():
-                options = _row_dataset_options(n, shape, dtype, self.compression)
-                f.create_dataset(name, shape=(n, *shape), dtype=dtype, **options)
-            f.create_dataset(DONE, data=np.zeros(n, dtype=bool), track_times=False)
-            self._flush(f)
+        building = self.partial.with_name(self.partial.name + ".creating")
+        try:
+            with h5py.File(building, "w") as f:
+                for key in sorted(self.attrs):  # fixed order, so the header bytes do not depend on dict order
+                    f.attrs[key] = self.attrs[key]
+                f.create_dataset(IDS, data=_utf8(np.array(self.ids)), track_times=False)
+                for name, (shape, dtype) in self.schema.items():
+                    options = _row_dataset_options(n, shape, dtype, self.compression)
+                    f.create_dataset(name, shape=(n, *shape), dtype=dtype, **options)
+                for name in sorted(self.extras):
+                    f.create_dataset(name, data=self.extras[name], track_times=False)
+                f.create_dataset(DONE, data=np.zeros(n, dtype=bool), track_times=False)
+                self._flush(f)
+            os.replace(building, self.partial)
+            fsync_dir(self.partial.parent)
+        except OSError as e:
+            building.unlink(missing_ok=True)
+            why = e.strerror or e
+            raise OSError(e.errno, f"{self.partial}: cannot create the scratch file ({why})") from e
 
     @staticmethod
     def _flush(f: h5py.File) -> None:
@@ -238,6 +343,28 @@ class StoreWriter:
             ranges += _runs(missing)
         return ranges
 
+    def _checked(self, start: int, stop: int, name: str, array: np.ndarray) -> np.ndarray:
+        """``array`` cast to the store's dtype, refusing a wrong shape or dtype and NaN / inf values."""
+        shape, dtype = self.schema[name]
+        array = np.asarray(array)
+        if array.shape != (stop - start, *shape):
+            raise ValueError(
+                f"{self.partial}: {name!r} for rows {start}:{stop} has shape {array.shape}, "
+                f"expected {(stop - start, *shape)}"
+            )
+        if not np.can_cast(array.dtype, dtype, "same_kind"):
+            raise ValueError(f"{self.partial}: {name!r} has dtype {array.dtype}, store holds {dtype}")
+        with np.errstate(over="ignore"):
+            cast = array.astype(dtype, copy=False)
+        if cast.dtype.kind == "f" and not (finite := np.isfinite(cast.reshape(len(cast), -1)).all(1)).all():
+            bad = np.flatnonzero(~finite) + start
+            named = ", ".join(f"row {r} (image {self.ids[r]})" for r in bad[:5])
+            raise ValueError(
+                f"{self.path}: {name!r} is NaN or infinite in {len(bad)} row(s) after casting to {dtype}: "
+                f"{named}; the encoder diverged or overflowed {dtype} (try another extract.dtype)"
+            )
+        return cast
+
     def write(self, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
         """Write rows ``start:stop`` of every schema dataset and commit them (they survive a kill)."""
         if not 0 <= start < stop <= len(self.ids):
@@ -246,49 +373,37 @@ class StoreWriter:
             raise ValueError(
                 f"{self.partial}: rows {start}:{stop} need arrays {sorted(self.schema)}, got {sorted(arrays)}"
             )
-        for name, (shape, dtype) in self.schema.items():
-            array = np.asarray(arrays[name])
-            if array.shape != (stop - start, *shape):
-                raise ValueError(
-                    f"{self.partial}: {name!r} for rows {start}:{stop} has shape {array.shape}, "
-                    f"expected {(stop - start, *shape)}"
-                )
-            if not np.can_cast(array.dtype, dtype, "same_kind"):
-                raise ValueError(f"{self.partial}: {name!r} has dtype {array.dtype}, store holds {dtype}")
-            self._file[name][start:stop] = array.astype(dtype, copy=False)
-        self._flush(self._file)
-        self._file[DONE][start:stop] = True
-        self._flush(self._file)
+        checked = {name: self._checked(start, stop, name, arrays[name]) for name in self.schema}
+        try:
+            for name, array in checked.items():
+                self._file[name][start:stop] = array
+            self._flush(self._file)
+            self._file[DONE][start:stop] = True
+            self._flush(self._file)
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"{self.partial}: writing rows {start}:{stop} failed ({e.strerror or e}); rows committed "
+                f"before are kept and {self.path} is untouched: fix the cause and rerun to resume",
+            ) from e
         self._done[start:stop] = True
-
-    def write_extra(self, name: str, array: np.ndarray) -> None:
-        """Store a non-row dataset (strings allowed); rewriting identical content leaves the file as is."""
-        if name in self.schema or name in (IDS, DONE) or "/" in name or not name:
-            raise ValueError(f"{self.partial}: invalid extra dataset name {name!r}")
-        array = np.asarray(array)
-        if array.dtype.kind in "OUS":
-            array = _utf8(array)
-        if name in self._file:
-            old = self._file[name]
-            if old.shape == array.shape and old.dtype == array.dtype and np.array_equal(old[()], array):
-                return
-            del self._file[name]
-        self._file.create_dataset(name, data=array, track_times=False)
-        self._flush(self._file)
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        try:
             self._file.close()
-            return
-        missing = int((~self._done).sum())
-        if missing:
-            self._file.close()
-            raise RuntimeError(f"{self.path}: {missing} rows never written; kept {self.partial} for a rerun")
-        self._file.close()
-        os.replace(self.partial, self.path)
+            if exc_type is not None:
+                return
+            missing = int((~self._done).sum())
+            if missing:
+                kept = f"kept {self.partial} for a rerun"
+                raise RuntimeError(f"{self.path}: {missing} rows never written; {kept}")
+            os.replace(self.partial, self.path)
+            fsync_dir(self.path.parent)
+        finally:
+            self._lock.release()
 
 
 class FeatureStore:

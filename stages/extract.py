@@ -1,8 +1,9 @@
 """Stage `extract@<dataset>-<encoder>`: images -> features/<dataset>/<encoder>.h5 (stage 1, frozen).
 
 Resumable: rows are committed in chunks to ``<out>.partial``; a killed run loses at most the
-chunk in flight and a rerun computes only the missing chunks (the store refuses a partial file
-made with another encoder config or manifest). Images are decoded and preprocessed in
+chunk in flight and a rerun computes only the missing chunks. A partial file made with another
+encoder config, manifest, or code (``pipeline.provenance``: the project sources this process runs,
+library versions, device kind) is set aside and rebuilt, so a store never mixes two versions. Images are decoded and preprocessed in
 DataLoader workers while the model runs. ``--i2p models/i2p/<encoder>`` is the encoder's
 Image2Prompt record: when it holds an adapted image tower (clip only), the encoder loads it.
 """
@@ -21,7 +22,8 @@ from tqdm import tqdm
 
 from pipeline.data import load_rgb, manifest_hash
 from pipeline.encoders import create_encoder
-from pipeline.i2p import adapted_tower
+from pipeline.encoders.common import adapted_tower
+from pipeline.provenance import code_identity
 from pipeline.store import StoreWriter
 from stages import read_manifest, read_params, resolve_device, runtime
 
@@ -67,9 +69,19 @@ def main(
     if tower is not None:
         cfg = {**cfg, "image_tower": tower}
     enc = create_encoder(encoder, cfg, p["profile"], device=device, dtype=p["extract.dtype"])
-    provenance = {**enc.provenance(), "dataset": dataset, "manifest_hash": manifest_hash(manifest)}
+    provenance = {
+        **enc.provenance(),
+        "dataset": dataset,
+        "manifest_hash": manifest_hash(manifest),
+        "code": code_identity(device),
+    }
     ids = manifest["image_id"].tolist()
-    with StoreWriter(out, ids, provenance, enc.schema(), chunk_rows=rt["chunk_rows"]) as writer:
+    prompts = sorted(set(manifest["prompt"]))
+    extras = enc.extras(prompts)
+    if extras:
+        extras["text_prompts"] = np.array(prompts, dtype=object)
+    schema = enc.schema()
+    with StoreWriter(out, ids, provenance, schema, chunk_rows=rt["chunk_rows"], extras=extras) as writer:
         pending = writer.pending()
         todo = sum(stop - start for start, stop in pending)
         images = Images([root / path for path in manifest["path"]], enc.preprocess)
@@ -91,12 +103,6 @@ def main(
                     tqdm.write(f"committed rows {start}:{stop}")
                     buffer = []
                     start, stop = next(chunks, (0, 0))
-        prompts = sorted(set(manifest["prompt"]))
-        extras = enc.extras(prompts)
-        if extras:
-            extras["text_prompts"] = np.array(prompts, dtype=object)
-        for name, array in extras.items():
-            writer.write_extra(name, array)
     typer.echo(
         f"{dataset}/{encoder}: computed {todo} of {len(ids)} rows "
         f"({len(ids) - todo} resumed from {out}.partial)"

@@ -106,7 +106,7 @@ def family_outputs(family: str, p: dict[str, Any], manifest: pd.DataFrame) -> li
 
 def check_image_tower(clip_store: FeatureStore, tower: Path | None) -> None:
     """The CLIP features and the head's attnpool must come from the same (adapted or not) image tower."""
-    from pipeline.i2p import sha256_file  # imports open_clip (~4 s), which only IP-IQA needs
+    from pipeline.encoders.common import sha256_file
 
     expected = sha256_file(tower) if tower is not None else None
     found = clip_store.provenance.get("i2p")
@@ -145,7 +145,7 @@ def main(
     outputs = family_outputs(family, p, manifest)
     tower = None
     if i2p is not None:
-        from pipeline.i2p import adapted_tower  # imports open_clip (~4 s), which only IP-IQA needs
+        from pipeline.encoders.common import adapted_tower
 
         tower = adapted_tower(i2p, "clip")
     if family == "ipiqa":

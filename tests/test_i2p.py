@@ -14,16 +14,8 @@ from safetensors.torch import load_file, save_file
 from pipeline.data import generate_demo, load_rgb
 from pipeline.encoders import create_encoder
 from pipeline.encoders.clip import build_clip_model
-from pipeline.encoders.common import resize_normalize
-from pipeline.i2p import (
-    WEIGHTS,
-    I2PConfig,
-    adapted_tower,
-    pretrain_image2prompt,
-    read_pairs,
-    sha256_file,
-    write_disabled,
-)
+from pipeline.encoders.clip.i2p import WEIGHTS, I2PConfig, pretrain_image2prompt, read_pairs
+from pipeline.encoders.common import adapted_tower, resize_normalize, sha256_file, write_disabled
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,7 +251,6 @@ def test_stage_writes_one_record_per_encoder_and_vit_records_never_change(tmp_pa
 def test_train_refuses_clip_features_from_another_image_tower(tmp_path):
     from types import SimpleNamespace
 
-    from pipeline.i2p import sha256_file
     from stages.train import check_image_tower
 
     tower = tmp_path / "image_tower.safetensors"

@@ -39,15 +39,17 @@ def fake_rows(start: int, stop: int) -> dict[str, np.ndarray]:
     return {"feat": feat.astype(np.float16), "label": rows * 7}
 
 
+EXTRAS = {"prompts": np.array(["a cat", "a dog"], dtype=object), "text_states": np.ones((2, 5), np.float32)}
+
+
 def write_store(
     path: Path, n: int = 10, chunk_rows: int = 3, order=None, provenance=PROVENANCE, **kw
 ) -> Path:
+    kw = {"extras": EXTRAS, **kw}
     with StoreWriter(path, ids_of(n), provenance, SCHEMA, chunk_rows=chunk_rows, **kw) as w:
         pending = w.pending()
         for start, stop in order(pending) if order else pending:
             w.write(start, stop, fake_rows(start, stop))
-        w.write_extra("prompts", np.array(["a cat", "a dog"], dtype=object))
-        w.write_extra("text_states", np.ones((2, 5), dtype=np.float32))
     return path
 
 
@@ -104,19 +106,20 @@ def test_bytes_do_not_depend_on_write_order_or_dict_order(tmp_path):
 
 def test_exception_keeps_partial_and_rerun_computes_only_missing_rows(tmp_path):
     path = tmp_path / "f.h5"
-    with pytest.raises(RuntimeError, match="boom"), StoreWriter(path, ids_of(10), PROVENANCE, SCHEMA, 3) as w:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        StoreWriter(path, ids_of(10), PROVENANCE, SCHEMA, 3, extras=EXTRAS) as w,
+    ):
         for start, stop in w.pending()[:2]:
             w.write(start, stop, fake_rows(start, stop))
         raise RuntimeError("boom")
     assert not path.exists() and (tmp_path / "f.h5.partial").exists()
     with pytest.raises(ValueError, match="unfinished"):
         FeatureStore(tmp_path / "f.h5.partial")
-    with StoreWriter(path, ids_of(10), PROVENANCE, SCHEMA, chunk_rows=3) as w:
+    with StoreWriter(path, ids_of(10), PROVENANCE, SCHEMA, chunk_rows=3, extras=EXTRAS) as w:
         assert w.pending() == [(6, 9), (9, 10)]
         for start, stop in w.pending():
             w.write(start, stop, fake_rows(start, stop))
-        w.write_extra("prompts", np.array(["a cat", "a dog"], dtype=object))
-        w.write_extra("text_states", np.ones((2, 5), dtype=np.float32))
     assert path.read_bytes() == write_store(tmp_path / "clean.h5").read_bytes()
 
 
@@ -127,9 +130,10 @@ def test_exception_keeps_partial_and_rerun_computes_only_missing_rows(tmp_path):
         ({"image_ids": [*ids_of(9), "other"]}, "image ids differ"),
         ({"schema": {**SCHEMA, "feat": ((3, 4), "float32")}}, "schema was"),
         ({"compression": "gzip"}, "compressed with None"),
+        ({"extras": {"prompts": np.array(["a cow"], dtype=object)}}, "extras were \\[\\], now"),
     ],
 )
-def test_mismatched_partial_is_discarded_with_a_warning(tmp_path, change, reason):
+def test_mismatched_partial_is_set_aside_with_a_warning(tmp_path, change, reason):
     path = tmp_path / "f.h5"
     with pytest.raises(KeyboardInterrupt), StoreWriter(path, ids_of(10), PROVENANCE, SCHEMA, 5) as w:
         w.write(0, 5, fake_rows(0, 5))
@@ -141,13 +145,17 @@ def test_mismatched_partial_is_discarded_with_a_warning(tmp_path, change, reason
             w.write(start, stop, fake_rows(start, stop))
     with FeatureStore(path) as store:
         np.testing.assert_array_equal(store.read_all("label"), np.arange(10) * 7)
+    (aside,) = tmp_path.glob("f.h5.partial.discarded-*")
+    with h5py.File(aside) as old:  # the old rows are kept, not deleted
+        assert old["_done"][()].sum() == 5
 
 
-def test_unreadable_partial_is_discarded(tmp_path):
+def test_unreadable_partial_is_set_aside(tmp_path):
     (tmp_path / "f.h5.partial").write_bytes(b"not hdf5")
     with pytest.warns(UserWarning, match="unreadable"):
         write_store(tmp_path / "f.h5")
     assert FeatureStore(tmp_path / "f.h5").ids == ids_of(10)
+    assert [p.read_bytes() for p in tmp_path.glob("f.h5.partial.discarded-*")] == [b"not hdf5"]
 
 
 def test_clean_exit_with_missing_rows_refuses_to_finalize(tmp_path):
@@ -180,18 +188,18 @@ def test_bad_input_is_named(tmp_path):
             w.write(start, stop, fake_rows(start, stop))
 
 
-def test_write_extra_rewrites_only_changed_content(tmp_path):
+def test_extras_are_written_at_creation(tmp_path):
+    """Nothing is written after the rows: a kill before the final rename cannot cost metadata."""
     path = tmp_path / "f.h5"
-    with StoreWriter(path, ids_of(2), PROVENANCE, SCHEMA) as w:
+    with StoreWriter(
+        path, ids_of(2), PROVENANCE, SCHEMA, extras={"prompts": ["a cat", "ein Hund über"]}
+    ) as w:
+        with h5py.File(w.partial, "r", locking=False) as f:
+            assert f["prompts"].asstr()[()].tolist() == ["a cat", "ein Hund über"]
         w.write(0, 2, fake_rows(0, 2))
-        w.write_extra("prompts", ["a cat", "ein Hund über"])
-        before = w.partial.read_bytes()
-        w.write_extra("prompts", np.array(["a cat", "ein Hund über"]))
-        assert w.partial.read_bytes() == before
-        w.write_extra("prompts", ["a cat", "a much longer prompt"])
-        with pytest.raises(ValueError, match="'feat'"):
-            w.write_extra("feat", np.zeros(3))
-    assert FeatureStore(path).read_all("prompts").tolist() == ["a cat", "a much longer prompt"]
+    assert FeatureStore(path).read_all("prompts").tolist() == ["a cat", "ein Hund über"]
+    with pytest.raises(ValueError, match="'feat'"):
+        StoreWriter(tmp_path / "g.h5", ids_of(2), PROVENANCE, SCHEMA, extras={"feat": np.zeros(3)})
 
 
 def test_compressed_store_round_trips(tmp_path):
@@ -237,7 +245,8 @@ pipeline.store.CHUNK_BYTES = 64  # HDF5 chunks of two rows, so the layout has ma
 out, log, delay = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 ids = [f"img{i:03d}" for i in range(24)]
 schema = {"feat": ((3, 5), "float16"), "label": ((), "int64")}
-with StoreWriter(out, ids, {"encoder": "slow-fake"}, schema, chunk_rows=4) as writer:
+prompts = {"prompts": np.array(["a cat", "a dog"], dtype=object)}
+with StoreWriter(out, ids, {"encoder": "slow-fake"}, schema, chunk_rows=4, extras=prompts) as writer:
     for start, stop in writer.pending():
         time.sleep(delay)  # the "encoder"
         rows = np.arange(start, stop)
@@ -248,7 +257,6 @@ with StoreWriter(out, ids, {"encoder": "slow-fake"}, schema, chunk_rows=4) as wr
         writer.write(start, stop, arrays)
         with log.open("a") as f:
             f.write(f"committed {start} {stop}\\n")
-    writer.write_extra("prompts", np.array(["a cat", "a dog"], dtype=object))
 """
 
 

@@ -36,7 +36,8 @@ def _rows(df: pd.DataFrame, mask: pd.Series, limit: int = 5) -> str:
     return ", ".join(rows) + (f" and {more} more" if more > 0 else "")
 
 
-def _escapes_root(path: str) -> bool:
+def escapes_root(path: str) -> bool:
+    """An absolute path, a drive letter, or one that leaves its root through '..'."""
     norm = posixpath.normpath(path)
     return path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":") or norm.split("/")[0] == ".."
 
@@ -83,7 +84,7 @@ def validate_manifest(df: pd.DataFrame, source: str) -> pd.DataFrame:
             f"{source}: image {name!r} appears more than once, rows {_rows(out, out['image_id'] == name)} "
             f"({duplicated.sum()} rows share a name)"
         )
-    escaping = out["path"].map(_escapes_root)
+    escaping = out["path"].map(escapes_root)
     if escaping.any():
         first = out.index[escaping.to_numpy()][0]
         raise ManifestError(

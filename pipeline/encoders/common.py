@@ -1,4 +1,5 @@
-"""What every encoder shares: compute dtypes, the papers' whole-image resize, and weights digests.
+"""What every encoder shares: compute dtypes, the papers' whole-image resize, weights digests, and the
+records of adapted weights.
 
 Both papers resize the whole image to a square without cropping (MA-AGIQA: 224 bicubic,
 IP-IQA: 512 bicubic), so the library transforms (resize shorter side + centre crop) would
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,3 +65,40 @@ def combine_digests(digests: dict[str, str]) -> str:
 def state_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over every tensor of a state dict (name, dtype, shape, bytes), independent of order."""
     return combine_digests({key: tensor_digest(key, t) for key, t in tensors.items()})
+
+
+# Adapted-weights records, models/i2p/<encoder>/i2p.json: which fine-tuned weights (IP-IQA's Image2Prompt
+# for the clip image tower) an encoder loads over its published ones. Every extract stage reads its own
+# encoder's record; an encoder left as published has a constant record, so nothing downstream reruns.
+RECORD = "i2p.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_disabled(out_dir: Path, encoder: str, why: str) -> None:
+    """The record of an encoder left as published."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"encoder": encoder, "enabled": False, "why": why}
+    (out_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def adapted_tower(record_dir: Path, encoder: str) -> Path | None:
+    """The adapted weights recorded in ``record_dir`` for ``encoder``; None when left as published."""
+    path = Path(record_dir) / RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the pretrain_i2p stage (dvc repro pretrain_i2p)")
+    record = json.loads(path.read_text())
+    if record.get("encoder") != encoder:
+        raise ValueError(f"{path} is the record of encoder {record.get('encoder')!r}, not {encoder!r}")
+    if not record.get("enabled"):
+        return None
+    weights = path.parent / record["weights"]
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path} names {weights}, which is missing")
+    return weights

@@ -16,7 +16,9 @@ were not published, so everything here except the loss is ours:
 
 A finished run writes ``image_tower.safetensors`` (``model.visual``'s state dict) and ``i2p.json``
 (config, pair counts, per-epoch loss, mean loss before and after, the weights' sha256); a disabled
-one writes only ``i2p.json`` saying so. ``adapted_tower`` reads either back.
+one writes only ``i2p.json`` saying so. ``pipeline.encoders.common.adapted_tower`` reads either back.
+The resume checkpoint is fingerprinted with the code that trains (``pipeline.provenance``) and loaded
+with ``torch.load(weights_only=True)``, which unpickles tensors and plain containers only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -39,10 +42,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.data import load_rgb
-from pipeline.encoders.common import resize_normalize
+from pipeline.data.manifest import escapes_root
+from pipeline.encoders.common import RECORD, resize_normalize, sha256_file
+from pipeline.provenance import code_identity
 
 WEIGHTS = "image_tower.safetensors"
-RECORD = "i2p.json"
 
 
 @dataclass
@@ -93,7 +97,13 @@ def read_pairs(csv: Path, images_root: Path | None = None) -> list[tuple[Path, s
         raise ValueError(f"{csv}: missing column(s) {sorted(missing)}; found {list(df.columns)}")
     root = Path(images_root) if images_root else csv.parent
     rows = df.index + 2  # the header is line 1
-    for mask, what in ((df["prompt"].str.strip() == "", "empty prompt"), (df["path"] == "", "empty path")):
+    escaping = df["path"].map(escapes_root)
+    problems = (
+        (df["prompt"].str.strip() == "", "empty prompt"),
+        (df["path"] == "", "empty path"),
+        (escaping, "path leaving the images folder (absolute or through ..)"),
+    )
+    for mask, what in problems:
         if mask.any():
             raise ValueError(f"{csv}: {what} in row(s) {rows[mask].tolist()[:5]}")
     paths = [root / p for p in df["path"]]
@@ -103,45 +113,15 @@ def read_pairs(csv: Path, images_root: Path | None = None) -> list[tuple[Path, s
     return list(zip(paths, df["prompt"], strict=True))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_disabled(out_dir: Path, encoder: str, why: str) -> None:
-    """The record of an encoder left as published; constant, so nothing downstream of it reruns."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"encoder": encoder, "enabled": False, "why": why}
-    (out_dir / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def adapted_tower(record_dir: Path, encoder: str) -> Path | None:
-    """The adapted image-tower weights recorded in ``record_dir`` for ``encoder``, or None when disabled."""
-    path = Path(record_dir) / RECORD
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the pretrain_i2p stage (dvc repro pretrain_i2p)")
-    record = json.loads(path.read_text())
-    if record.get("encoder") != encoder:
-        raise ValueError(f"{path} is the record of encoder {record.get('encoder')!r}, not {encoder!r}")
-    if not record.get("enabled"):
-        return None
-    weights = path.parent / record["weights"]
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path} names {weights}, which is missing")
-    return weights
-
-
 def _image_size(visual: nn.Module) -> int:
     size = visual.image_size
     return int(size[0] if isinstance(size, tuple | list) else size)
 
 
-def _fingerprint(cfg: I2PConfig, pairs: list[tuple[Path, str]], visual: nn.Module) -> str:
-    """Config, pairs and starting weights: a checkpoint made with other values is not resumed."""
-    digest = hashlib.sha256(json.dumps([asdict(cfg), [[str(p), t] for p, t in pairs]]).encode())
+def _fingerprint(cfg: I2PConfig, pairs: list[tuple[Path, str]], visual: nn.Module, device: str) -> str:
+    """Config, pairs, starting weights and code: a checkpoint made with other values is not resumed."""
+    facts = [asdict(cfg), [[str(p), t] for p, t in pairs], code_identity(device)]
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
     for name, tensor in visual.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
@@ -174,15 +154,19 @@ def _save_atomic(obj, path: Path) -> None:
 
 
 def _resume(checkpoint: Path | None, fingerprint: str) -> dict | None:
+    """The checkpoint's state when it was made by exactly this run; otherwise set it aside, saying why."""
     if checkpoint is None or not checkpoint.exists():
         return None
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if state.get("fingerprint") == fingerprint:
-        return state
-    warnings.warn(
-        f"discarding {checkpoint}: made with another config, pair list or start model", stacklevel=3
-    )
-    checkpoint.unlink()
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        why = "made with another config, pair list, start model or code"
+        if isinstance(state, dict) and state.get("fingerprint") == fingerprint:
+            return state
+    except Exception as err:  # any unpickling failure means the same: not a checkpoint of ours
+        why = f"unreadable as a weights-only checkpoint ({type(err).__name__}: {err})"
+    aside = checkpoint.with_name(f"{checkpoint.name}.discarded-{time.strftime('%Y%m%dT%H%M%S')}")
+    os.replace(checkpoint, aside)
+    warnings.warn(f"set {checkpoint} aside as {aside.name}: {why}", stacklevel=3)
     return None
 
 
@@ -217,7 +201,7 @@ def pretrain_image2prompt(
     def cosines(rows: np.ndarray) -> np.ndarray:
         return _cosines(model, images, rows, prompt_of, targets, cfg.batch_size, device, num_workers)
 
-    fingerprint = _fingerprint(cfg, pairs, model.visual)
+    fingerprint = _fingerprint(cfg, pairs, model.visual, device)
     optimizer = torch.optim.AdamW(model.visual.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = _resume(checkpoint, fingerprint)
     if state is None:
@@ -228,11 +212,11 @@ def pretrain_image2prompt(
                 f"i2p: no pair has CLIP similarity above min_similarity {cfg.min_similarity} "
                 f"(highest {start.max():.3f})"
             )
-        state = {"kept": kept, "loss_before": float(1 - start[kept].mean()), "losses": []}
+        state = {"kept": kept.tolist(), "loss_before": float(1 - start[kept].mean()), "losses": []}
     else:
         model.visual.load_state_dict(state["visual"])
         optimizer.load_state_dict(state["optimizer"])
-    kept, losses = state["kept"], state["losses"]
+    kept, losses = np.array(state["kept"], dtype=np.int64), state["losses"]
 
     criterion = nn.CosineEmbeddingLoss()
     model.visual.requires_grad_(True)
