@@ -1,0 +1,144 @@
+"""The real `extract` stage under faults: SIGKILL mid-run, a code change between the kill and the rerun,
+and runtime settings that must change no byte. Each test works in a copy of the project's code with a
+shrunken demo, running `python -m stages.*` as DVC would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+N_IMAGES = 12
+
+
+def _stage(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", *args], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def _set_runtime(project: Path, **values) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["runtime"].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """The project's code and params (a 12-image demo, chunks of 2 rows), prepared and ready to extract."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    for package in ("pipeline", "stages"):
+        shutil.copytree(ROOT / package, tmp / package, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["demo"].update(n_prompts=4, images_per_prompt=3)
+    params["runtime"].update(chunk_rows=2, batch_size=2, device="cpu")
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _stage(tmp, "stages.prepare", "demo", "data/demo")
+    _stage(tmp, "stages.pretrain_i2p", "models/i2p")
+    return tmp
+
+
+@pytest.fixture
+def project(prepared, tmp_path) -> Path:
+    shutil.copytree(prepared, tmp_path / "project")
+    return tmp_path / "project"
+
+
+def _extract(project: Path, out: str) -> list[str]:
+    return ["stages.extract", "demo", "vit", "data/demo", out, "--i2p", "models/i2p/vit"]
+
+
+def _kill_after_commits(project: Path, out: str, rows: int) -> int:
+    """Run extract, SIGKILL it once ``rows`` rows are committed; return how many were."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *_extract(project, out)],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    committed = 0
+    for line in proc.stdout:
+        if m := re.match(r"committed rows (\d+):(\d+)", line):
+            committed += int(m.group(2)) - int(m.group(1))
+            if committed >= rows:
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return committed
+
+
+def _computed(output: str) -> int:
+    m = re.search(r"computed (\d+) of (\d+) rows", output)
+    assert m and int(m.group(2)) == N_IMAGES, output
+    return int(m.group(1))
+
+
+def test_killed_extract_resumes_to_the_bytes_of_a_clean_run(project):
+    committed = _kill_after_commits(project, "features/demo/vit.h5", rows=4)
+    assert not (project / "features/demo/vit.h5").exists()
+    rerun = _stage(project, *_extract(project, "features/demo/vit.h5"))
+    assert _computed(rerun.stdout) <= N_IMAGES - committed
+    clean = _stage(project, *_extract(project, "features/demo/clean.h5"))
+    assert _computed(clean.stdout) == N_IMAGES
+    assert (project / "features/demo/vit.h5").read_bytes() == (
+        project / "features/demo/clean.h5"
+    ).read_bytes()
+
+
+def test_a_code_change_between_kill_and_rerun_sets_the_partial_aside(project):
+    """Fix the encoder after a kill: the rerun must not mix rows of two code versions."""
+    _kill_after_commits(project, "features/demo/vit.h5", rows=4)
+    encoder = project / "pipeline" / "encoders" / "vit" / "__init__.py"
+    encoder.write_text(encoder.read_text() + "\n# a fix\n")
+    rerun = _stage(project, *_extract(project, "features/demo/vit.h5"))
+    assert _computed(rerun.stdout) == N_IMAGES
+    assert "aside" in rerun.stderr and "source_sha256" in rerun.stderr
+    assert len(list((project / "features/demo").glob("vit.h5.partial.discarded-*"))) == 1
+
+
+def test_runtime_settings_change_no_byte_of_the_store(project):
+    _stage(project, *_extract(project, "features/demo/a.h5"))
+    _set_runtime(project, batch_size=5, chunk_rows=3, num_workers=1, device="auto")
+    _stage(project, *_extract(project, "features/demo/b.h5"))
+    assert (project / "features/demo/a.h5").read_bytes() == (project / "features/demo/b.h5").read_bytes()
+
+
+def test_two_extracts_on_one_store_never_lose_rows(project):
+    """A second extract started while the first runs stops with the first one's PID, nothing deleted."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", *_extract(project, "features/demo/vit.h5")],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in first.stdout:
+        if line.startswith("committed rows"):
+            first.send_signal(signal.SIGSTOP)  # holds its lock, as a slow GPU run would
+            break
+    second = _stage(project, *_extract(project, "features/demo/vit.h5"), check=False)
+    first.send_signal(signal.SIGCONT)
+    first.stdout.read()
+    assert first.wait() == 0
+    assert second.returncode != 0 and f"in use by PID {first.pid}" in second.stderr
+    again = _stage(project, *_extract(project, "features/demo/vit.h5"))
+    assert _computed(again.stdout) == N_IMAGES  # the finished store was replaced by a complete rerun
