@@ -1,10 +1,11 @@
 """Mini-batches of cached features for stage-2 heads, within a memory budget.
 
 When every store a head reads fits the budget, the rows are read once into RAM (one contiguous
-h5py read per store) and shared by all splits and epochs. Otherwise each epoch walks the
-shuffled rows in blocks that fit the budget: a block is read with the store's run-coalescing
-reader, then shuffled and cut into batches. Randomness is therefore "shuffle within blocks of
-a shuffled order", which is what large-scale loaders do and costs one sequential pass per epoch.
+h5py read per store) and shared by all splits and epochs. Otherwise each epoch reads, block by
+block, the rows of the next batches that fit the budget (with the store's run-coalescing reader)
+and frees them before the next block. Either way the epoch's batches are the same: a permutation
+of the rows cut in order, with the same random draws, so the memory budget (a ``runtime`` setting)
+changes speed and memory, never a number.
 
 Augmentation by cached views: a store may hold, beside its ``features`` row (the identity view),
 a row dataset ``views`` of shape ``(V - 1, *feature shape)``: the same encoder on transformed
@@ -71,8 +72,8 @@ class Features:
         return {name: tuple(s.shape("features")[1:]) for name, s in self.stores.items()}
 
     def _gather(self, rows: np.ndarray, arrays: dict[str, torch.Tensor], local: np.ndarray) -> Batch:
-        batch = {name: arr[local] for name, arr in arrays.items()}
-        batch.update({k: v[rows] for k, v in self.extras.items()})
+        batch = {name: arr[torch.from_numpy(local)] for name, arr in arrays.items()}
+        batch.update({k: v[torch.from_numpy(rows)] for k, v in self.extras.items()})
         return batch
 
     @staticmethod
@@ -90,6 +91,19 @@ class Features:
             k = torch.from_numpy((pick[swap] * extra.shape[1]).astype(np.int64))
             batch[name][at] = extra[torch.from_numpy(local[swap]), k]
 
+    def _blocks(self, chunks: list[np.ndarray]) -> Iterator[list[np.ndarray]]:
+        """Consecutive batches grouped so that each group's rows fit the budget (or one batch alone)."""
+        block: list[np.ndarray] = []
+        size = 0
+        for chunk in chunks:
+            if block and size + len(chunk) > self.block_rows:
+                yield block
+                block, size = [], 0
+            block.append(chunk)
+            size += len(chunk)
+        if block:
+            yield block
+
     def batches(
         self,
         rows: np.ndarray,
@@ -97,7 +111,7 @@ class Features:
         rng: np.random.Generator | None = None,
         view_prob: float = 0.0,
     ) -> Iterator[tuple[np.ndarray, Batch]]:
-        """Yield (row indices, batch) over ``rows``; shuffled when ``rng`` is given.
+        """Yield (row indices, batch) over ``rows``, in order, or shuffled when ``rng`` is given.
 
         With ``rng`` and ``view_prob > 0`` (training), rows of stores with cached views are
         augmented (see the module docstring); a store without views never consumes the ``rng``.
@@ -107,25 +121,24 @@ class Features:
         augment = rng is not None and view_prob > 0 and bool(self.views)
         rows = np.array(rows, dtype=np.int64)  # a copy: pandas 3 hands out read-only arrays
         order = rng.permutation(rows) if rng is not None else rows
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         if self.resident is not None:
-            for i in range(0, len(order), batch_size):
-                chunk = order[i : i + batch_size]
+            for chunk in chunks:
                 batch = self._gather(chunk, self.resident, chunk)
                 if augment:
                     self._swap_views(batch, self.resident_views, chunk, rng, view_prob)
                 yield chunk, batch
             return
-        for b in range(0, len(order), self.block_rows):
-            block = np.sort(order[b : b + self.block_rows])
-            arrays = {name: self._read(s, "features", block) for name, s in self.stores.items()}
-            views = {name: self._read(self.stores[name], "views", block) for name in self.views if augment}
-            local = rng.permutation(len(block)) if rng is not None else np.arange(len(block))
-            for i in range(0, len(local), batch_size):
-                sel = local[i : i + batch_size]
-                batch = self._gather(block[sel], arrays, sel)
+        for block in self._blocks(chunks):
+            held = np.unique(np.concatenate(block))
+            arrays = {name: self._read(s, "features", held) for name, s in self.stores.items()}
+            views = {name: self._read(self.stores[name], "views", held) for name in self.views if augment}
+            for chunk in block:
+                local = np.searchsorted(held, chunk)
+                batch = self._gather(chunk, arrays, local)
                 if augment:
-                    self._swap_views(batch, views, sel, rng, view_prob)
-                yield block[sel], batch
+                    self._swap_views(batch, views, local, rng, view_prob)
+                yield chunk, batch
             del arrays, views  # free this block before reading the next: one block in RAM at a time
 
     @staticmethod

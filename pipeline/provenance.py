@@ -21,12 +21,17 @@ LIBRARIES = ("torch", "transformers", "timm", "open_clip_torch", "numpy", "h5py"
 
 
 def source_files() -> list[Path]:
-    """The project's source files among the modules imported so far, sorted by relative path."""
+    """The project's source files among the modules loaded so far, sorted by relative path.
+
+    Chosen by file, not by module name: ``python -m stages.extract`` runs that file as ``__main__``.
+    """
+    packages = [ROOT / package for package in PACKAGES]
     files = set()
-    for name, module in list(sys.modules.items()):
-        file = getattr(module, "__file__", None)
-        if name.split(".")[0] in PACKAGES and file and Path(file).resolve().is_relative_to(ROOT):
-            files.add(Path(file).resolve())
+    for module in list(sys.modules.values()):
+        if file := getattr(module, "__file__", None):
+            path = Path(file).resolve()
+            if path.suffix == ".py" and any(path.is_relative_to(package) for package in packages):
+                files.add(path)
     return sorted(files, key=lambda f: f.relative_to(ROOT).as_posix())
 
 

@@ -163,14 +163,29 @@ def target_scale(train_targets: np.ndarray, norm: str) -> tuple[np.ndarray, np.n
 
 
 def shuffled_labels(
-    targets: np.ndarray, parts: dict[str, np.ndarray], rng: np.random.Generator
+    targets: np.ndarray,
+    parts: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    shuffle: tuple[str, ...] = ("train", "val"),
 ) -> np.ndarray:
-    """``targets`` with the train part's rows permuted among themselves, and the val part's likewise."""
+    """``targets`` with each listed part's rows permuted among themselves."""
     out = targets.copy()
-    for part in ("train", "val"):
+    for part in shuffle:
         rows = parts[part]
         out[rows] = targets[rng.permutation(rows)]
     return out
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or a prediction became NaN or infinite; the message names run, split and epoch."""
+
+
+def _check_finite(preds: dict[str, np.ndarray], parts, image_ids, where: str) -> None:
+    for part, pred in preds.items():
+        bad = ~np.isfinite(pred).all(axis=1)
+        if bad.any():
+            named = image_ids[parts[part][bad]][:5].tolist() if image_ids is not None else []
+            raise TrainingDiverged(f"{where}: {int(bad.sum())} non-finite {part} predictions, images {named}")
 
 
 def train_split(
@@ -181,8 +196,15 @@ def train_split(
     recipe: Recipe,
     run: RunConfig,
     split_seed: int,
+    where: str = "split",
+    image_ids: np.ndarray | None = None,
 ) -> SplitResult:
-    """Train one head on ``parts['train']`` rows, select the epoch on val or test, keep its state."""
+    """Train one head on ``parts['train']`` rows, select the epoch on val or test, keep its state.
+
+    ``where`` ("dataset/run, split k") and ``image_ids`` name what failed when a loss or a prediction
+    turns NaN or infinite (``TrainingDiverged``). An epoch whose selection score is NaN (constant
+    predictions) is never selected over one with a finite score.
+    """
     select_on = "val" if run.select == "val" else "test"
     if len(parts[select_on]) < 3:
         raise ValueError(
@@ -199,7 +221,10 @@ def train_split(
     fit = shuffled_labels(targets, parts, rng) if run.shuffle_labels else targets
     mean, std = target_scale(fit[parts["train"]], run.target_norm)
     y = torch.tensor((fit - mean) / std, dtype=torch.float32)
-    truth = {"val": fit, "test": targets}  # the control selects its epoch on shuffled val MOS too
+    # The control selects its epoch on shuffled MOS too: on val, or (test_oracle) on the test part
+    # permuted apart, so that no true MOS reaches it before it is scored.
+    oracle = shuffled_labels(targets, parts, rng, ("test",)) if run.shuffle_labels else targets
+    truth = {"val": fit, "test": oracle}
     best: SplitResult | None = None
     best_score = -math.inf
     curves = []
@@ -210,6 +235,11 @@ def train_split(
         for rows, batch in train_batches:
             pred = head(features.to(batch, device))
             loss = nn.functional.mse_loss(pred.float(), y[rows].to(device))
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"{where}, epoch {epoch}: training loss is {loss.item()}; lower the learning rate "
+                    "or check the features for extreme values"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -224,6 +254,7 @@ def train_split(
             else np.zeros((0, targets.shape[1]))
             for p in ("val", "test")
         }
+        _check_finite(preds, parts, image_ids, f"{where}, epoch {epoch}")
         scores = {p: _score(preds[p], truth[p][parts[p]]) if len(parts[p]) >= 3 else math.nan for p in preds}
         curves.append(
             {
@@ -233,8 +264,9 @@ def train_split(
                 "test_score": scores["test"],
             }
         )
-        if best is None or scores[select_on] > best_score:
-            best_score = scores[select_on]
+        score = scores[select_on] if math.isfinite(scores[select_on]) else -math.inf
+        if best is None or score > best_score:
+            best_score = score
             best = SplitResult(epoch, copy.deepcopy(head.state_dict()), _frame(preds, parts, targets))
     assert best is not None
     best.curves = curves
@@ -262,14 +294,21 @@ def train_protocol(
     recipe: Recipe,
     run: RunConfig,
     progress: bool = True,
+    label: str = "run",
 ) -> list[SplitResult]:
-    """Train every split; predictions come back keyed by image_id with named outputs."""
+    """Train every split; predictions come back keyed by image_id with named outputs.
+
+    ``label`` ("dataset/run") starts the message of a run that diverges.
+    """
     index = pd.Series(np.arange(len(manifest)), index=manifest["image_id"])
+    image_ids = manifest["image_id"].to_numpy()
     targets = manifest[[TARGETS[o] for o in outputs]].to_numpy(dtype=np.float32)
     results = []
     for k, split in enumerate(tqdm(splits, desc="splits", disable=not progress)):
         parts = {p: index.loc[split.get(p, [])].to_numpy() for p in ("train", "val", "test")}
-        result = train_split(build, features, targets, parts, recipe, run, split_seed=run.seed + k)
+        result = train_split(
+            build, features, targets, parts, recipe, run, run.seed + k, f"{label}, split {k}", image_ids
+        )
         frame = result.predictions
         frame.insert(0, "split", k)
         frame.insert(2, "image_id", manifest["image_id"].to_numpy()[frame.pop("row").to_numpy()])

@@ -39,7 +39,7 @@ from pipeline.store import FeatureStore
 from pipeline.train import TARGETS, Recipe, RunConfig, predict, target_scale, train_protocol
 from stages import read_manifest, read_params, resolve_device, runtime
 from stages.evaluate import bootstrap_config, evaluate_run, write_tables
-from stages.train import check_image_tower, family_outputs, head_config, nest
+from stages.train import check_image_tower, family_outputs, head_config, head_inputs, nest, open_stores
 
 PARAMS = (
     "train",
@@ -66,10 +66,12 @@ class Dataset:
     stores: dict[str, FeatureStore]
 
     @classmethod
-    def load(cls, name: str, manifest_path: Path, splits_path: Path, features_dir: Path) -> Dataset:
+    def load(
+        cls, name: str, manifest_path: Path, splits_path: Path, features_dir: Path, encoders: list[str]
+    ) -> Dataset:
+        """The dataset with exactly the stores of ``encoders`` open (those its runs declare)."""
         manifest = read_manifest(manifest_path)
-        expect = {"manifest_hash": manifest_hash(manifest)}
-        stores = {s.stem: FeatureStore(s, expect=expect) for s in sorted(features_dir.glob("*.h5"))}
+        stores = open_stores(features_dir, encoders, {"manifest_hash": manifest_hash(manifest)})
         return cls(name, manifest, read_splits(splits_path), stores)
 
     def rows(self, image_ids: list[str]) -> np.ndarray:
@@ -142,7 +144,8 @@ def cross_run(run_name: str, p: dict, run: RunConfig, source: Dataset, target: D
     outputs = family_outputs(family, p, source.manifest)
     if family == "ipiqa":  # cross-dataset runs use the unadapted CLIP tower (no Image2Prompt)
         check_image_tower(source.stores["clip"], None)
-    name, kwargs, recipe = head_config(family, variant, p, prompts)
+    semantic = source.stores["semantic"].provenance["prompt_names"] if "semantic" in source.stores else None
+    name, kwargs, recipe = head_config(family, variant, p, prompts, semantic_prompts=semantic)
 
     def build() -> torch.nn.Module:
         return create_head(name, n_outputs=len(outputs), input_shapes=shapes, **kwargs)
@@ -153,7 +156,10 @@ def cross_run(run_name: str, p: dict, run: RunConfig, source: Dataset, target: D
     source_features = source.features(inputs, prompts, budget)
     target_features = target.features(inputs, prompts, budget)
     splits = source.splits["splits"]
-    results = train_protocol(build, source_features, source.manifest, splits, outputs, Recipe(**recipe), run)
+    label = f"cross {source.name}->{target.name}/{run_name}"
+    results = train_protocol(
+        build, source_features, source.manifest, splits, outputs, Recipe(**recipe), run, label=label
+    )
 
     source_targets = source.manifest[[TARGETS[o] for o in outputs]].to_numpy(dtype=np.float32)
     frames = []
@@ -213,8 +219,9 @@ def main(
     rt = runtime()
     speed = {k: rt[k] for k in ("memory_budget_gb", "eval_batch_size")}
     run = RunConfig(**p["train"], device=resolve_device(rt["device"]), **speed)
-    source = Dataset.load(train_dataset, train_manifest, train_splits, train_features)
-    target = Dataset.load(test_dataset, test_manifest, test_splits, test_features)
+    encoders = sorted({e for r in p["cross"]["runs"] for e in head_inputs(*run_family(r, p), p)})
+    source = Dataset.load(train_dataset, train_manifest, train_splits, train_features, encoders)
+    target = Dataset.load(test_dataset, test_manifest, test_splits, test_features, encoders)
     check_pairing(source, target)
     shutil.rmtree(runs_dir, ignore_errors=True)
     shutil.rmtree(out_dir, ignore_errors=True)

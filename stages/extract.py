@@ -3,9 +3,10 @@
 Resumable: rows are committed in chunks to ``<out>.partial``; a killed run loses at most the
 chunk in flight and a rerun computes only the missing chunks. A partial file made with another
 encoder config, manifest, or code (``pipeline.provenance``: the project sources this process runs,
-library versions, device kind) is set aside and rebuilt, so a store never mixes two versions. Images are decoded and preprocessed in
-DataLoader workers while the model runs. ``--i2p models/i2p/<encoder>`` is the encoder's
-Image2Prompt record: when it holds an adapted image tower (clip only), the encoder loads it.
+library versions, device kind) is set aside and rebuilt, so a store never mixes two versions.
+Images are decoded and preprocessed in DataLoader workers while the model runs.
+``--i2p models/i2p/<encoder>`` is the encoder's Image2Prompt record: when it holds an adapted image
+tower (clip only), the encoder loads it.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ Writes per split the selected epoch's weights (``split<k>.pt``), all predictions
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,12 +55,36 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def head_inputs(family: str, variant: str, p: dict[str, Any]) -> list[str]:
+    """The feature stores a run reads, known from its params before any store is opened."""
+    if family == "probe":
+        return [variant]
+    if family == "ipiqa":
+        return ["clip"]
+    if variant in ABLATIONS:
+        return ["vit"] if variant == "maniqa" else ["semantic"]
+    streams = p["fusion"]["streams"]
+    return ["vit"] * ("maniqa" in streams) + ["semantic"] * any(s != "maniqa" for s in streams)
+
+
+def open_stores(features_dir: Path, inputs: list[str], expect: dict) -> dict[str, FeatureStore]:
+    """Exactly the stores a run declares, each checked against the manifest it must match."""
+    return {name: FeatureStore(features_dir / f"{name}.h5", expect=expect) for name in inputs}
+
+
 def head_config(
-    family: str, variant: str, p: dict[str, Any], prompts: list[str], image_tower: Path | None = None
+    family: str,
+    variant: str,
+    p: dict[str, Any],
+    prompts: list[str],
+    image_tower: Path | None = None,
+    semantic_prompts: list[str] | None = None,
 ) -> tuple[str, dict, dict]:
     """(registered head name, builder kwargs, recipe) for a family and variant; ``p`` nested by section.
 
     ``image_tower``: IP-IQA's Image2Prompt-adapted CLIP image tower, whose attnpool the head starts from.
+    ``semantic_prompts``: the semantic store's ``prompt_names``, the names of its rows, by which
+    MA-AGIQA binds its streams (never by position).
     """
     if family == "probe":
         cfg = p["probe"]
@@ -75,6 +100,8 @@ def head_config(
         if variant == "maniqa":
             return variant, branch, cfg["recipe"]
         mixing = {k: fusion[k] for k in ("gate", "afm_width", "shared_hidden")}
+        if semantic_prompts is not None:
+            mixing["prompts"] = list(semantic_prompts)
         if variant == "semantic_only":  # the two prompt experts alone: S = K = 2
             return variant, {**branch, **mixing}, cfg["recipe"]
         return (
@@ -139,8 +166,8 @@ def main(
     manifest = read_manifest(manifest_path)
     splits = read_splits(splits_path)
     prompts = sorted(set(manifest["prompt"]))
-    expect = {"manifest_hash": manifest_hash(manifest)}
-    stores = {s.stem: FeatureStore(s, expect=expect) for s in sorted(features_dir.glob("*.h5"))}
+    inputs = head_inputs(family, variant, p)
+    stores = open_stores(features_dir, inputs, {"manifest_hash": manifest_hash(manifest)})
     shapes = {name: tuple(store.shape("features")[1:]) for name, store in stores.items()}
     outputs = family_outputs(family, p, manifest)
     tower = None
@@ -150,30 +177,24 @@ def main(
         tower = adapted_tower(i2p, "clip")
     if family == "ipiqa":
         check_image_tower(stores["clip"], tower)
-    name, kwargs, recipe = head_config(family, variant, p, prompts, image_tower=tower)
+    semantic = stores["semantic"].provenance["prompt_names"] if "semantic" in stores else None
+    name, kwargs, recipe = head_config(family, variant, p, prompts, tower, semantic)
 
     def build() -> torch.nn.Module:
         return create_head(name, n_outputs=len(outputs), input_shapes=shapes, **kwargs)
 
-    inputs = build().inputs
-    missing = [i for i in inputs if i not in stores]
-    if missing:
-        raise FileNotFoundError(f"head {name!r} reads {missing} but {features_dir} has only {sorted(stores)}")
+    if list(build().inputs) != inputs:
+        raise ValueError(f"head {name!r} reads {list(build().inputs)}, its family declares {inputs}")
     prompt_index = manifest["prompt"].map({t: i for i, t in enumerate(prompts)}).to_numpy()
     features = Features(
-        {i: stores[i] for i in inputs},
+        stores,
         manifest["image_id"].tolist(),
         budget_bytes=int(run.memory_budget_gb * 2**30),
         extras={"prompt_index": prompt_index},
     )
-    results = train_protocol(build, features, manifest, splits["splits"], outputs, Recipe(**recipe), run)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for k, result in enumerate(results):
-        torch.save(result.state, out_dir / f"split{k}.pt")
-    pd.concat([r.predictions for r in results]).to_csv(out_dir / "predictions.csv", index=False)
-    pd.DataFrame([{"split": k, **c} for k, r in enumerate(results) for c in r.curves]).to_csv(
-        out_dir / "curves.csv", index=False
+    label = f"{dataset}/{out_dir.name}"
+    results = train_protocol(
+        build, features, manifest, splits["splits"], outputs, Recipe(**recipe), run, label=label
     )
     meta = {
         "dataset": dataset,
@@ -189,8 +210,25 @@ def main(
         "best_epochs": [r.best_epoch for r in results],
         "stores": {i: stores[i].provenance for i in inputs},
     }
-    (out_dir / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    typer.echo(f"{dataset}/{out_dir.name}: {len(results)} splits, best epochs {meta['best_epochs']}")
+    write_run(out_dir, results, meta)
+    typer.echo(f"{label}: {len(results)} splits, best epochs {meta['best_epochs']}")
+
+
+def write_run(out_dir: Path, results: list, meta: dict) -> None:
+    """The run folder, written beside it and renamed when complete: a killed run leaves no folder that
+    could be read as finished (``run.json``, written last, is what evaluate requires)."""
+    building = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    for k, result in enumerate(results):
+        torch.save(result.state, building / f"split{k}.pt")
+    pd.concat([r.predictions for r in results]).to_csv(building / "predictions.csv", index=False)
+    pd.DataFrame([{"split": k, **c} for k, r in enumerate(results) for c in r.curves]).to_csv(
+        building / "curves.csv", index=False
+    )
+    (building / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    building.replace(out_dir)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def test_checkpoint_of_another_config_is_discarded(clip_cfg, pairs, tmp_path):
             on_epoch=stop,
         )
     seen = []
-    with pytest.warns(UserWarning, match="discarding"):
+    with pytest.warns(UserWarning, match=r"ckpt\.pt aside as ckpt\.pt\.discarded-.*another config"):
         pretrain_image2prompt(
             build_clip_model(clip_cfg, "demo"),
             pairs,
@@ -172,6 +172,7 @@ def test_checkpoint_of_another_config_is_discarded(clip_cfg, pairs, tmp_path):
             on_epoch=lambda epoch, loss: seen.append(epoch),
         )
     assert seen == [1]
+    assert len(list(tmp_path.glob("ckpt.pt.discarded-*"))) == 1  # set aside, never deleted
 
 
 def test_min_similarity_keeps_pairs_above_it(clip_cfg, pairs, tmp_path):

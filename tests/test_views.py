@@ -104,6 +104,16 @@ def test_training_mixes_views_and_evaluation_sees_identity(tmp_path, budget):
     assert (_seen(features, rng, view_prob=0.0)[1] == 0).all()
 
 
+def test_view_draws_do_not_depend_on_the_memory_budget(tmp_path):
+    store = _store(tmp_path, views=True)
+    seen = [
+        _seen(Features({"vit": store}, store.ids, budget), np.random.default_rng(3), view_prob=0.5)
+        for budget in (1 << 20, 2 * T * C * (V + 1) * 10)
+    ]
+    np.testing.assert_array_equal(seen[0][0], seen[1][0])
+    np.testing.assert_array_equal(seen[0][1], seen[1][1])
+
+
 def test_views_count_in_the_memory_budget(tmp_path):
     store = _store(tmp_path, views=True)
     identity_only = N * T * C * 2

@@ -81,8 +81,12 @@ class MAAGIQA(nn.Module):
     ) -> None:
         super().__init__()
         streams, prompts = list(streams), list(prompts)
-        unknown = [s for s in streams if s != "maniqa" and s not in prompts]
-        if not streams or unknown or len(set(streams)) != len(streams):
+        if unknown := [s for s in streams if s != "maniqa" and s not in prompts]:
+            raise ValueError(
+                f"fusion.streams names {unknown}, which the semantic features do not hold: their prompts "
+                f"are {prompts} (extract.semantic.prompts), so streams are among {[*prompts, 'maniqa']}"
+            )
+        if not streams or len(set(streams)) != len(streams):
             raise ValueError(f"streams must be distinct names from {[*prompts, 'maniqa']}; got {streams}")
         n_experts = len(streams) if experts is None else experts
         if n_experts < len(streams):
@@ -182,8 +186,10 @@ def build_ma_agiqa(n_outputs: int, input_shapes: dict[str, tuple[int, ...]], **c
 
 @register_head("semantic_only")
 def build_semantic_only(n_outputs: int, input_shapes: dict[str, tuple[int, ...]], **cfg) -> MAAGIQA:
-    """MA-AGIQA without the image branch: only the prompt streams (default: all of ``prompts``)."""
-    cfg.setdefault("streams", list(cfg.get("prompts", PROMPTS)))
+    """MA-AGIQA without the image branch: only the prompt streams (default: all of ``prompts``, MA-AGIQA's
+    two first in the paper's order, so that the order of the cached rows never changes the model)."""
+    prompts = list(cfg.get("prompts", PROMPTS))
+    cfg.setdefault("streams", [p for p in PROMPTS if p in prompts] + [p for p in prompts if p not in PROMPTS])
     if "maniqa" in cfg["streams"]:
         raise ValueError(f"semantic_only takes prompt streams only; got streams={list(cfg['streams'])}")
     return MAAGIQA(n_outputs, input_shapes, **cfg)
