@@ -196,14 +196,32 @@ def evaluate_output(test: pd.DataFrame, boot: Bootstrap) -> tuple[pd.DataFrame, 
     return per_split, summary, groups
 
 
+def check_finite_predictions(predictions: pd.DataFrame, outputs: list[str], source: str) -> None:
+    """Refuse NaN or infinite predictions, naming ``source``, the splits and the first images."""
+    values = predictions[[f"pred_{o}" for o in outputs]].to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        rows = predictions[bad]
+        raise ValueError(
+            f"{source}: {int(bad.sum())} non-finite predictions in split(s) {sorted(set(rows['split']))}, "
+            f"images {rows['image_id'].head(5).tolist()}; retrain that run (its head diverged)"
+        )
+
+
 def evaluate_predictions(
-    predictions: pd.DataFrame, manifest: pd.DataFrame, outputs: list[str], boot: Bootstrap
+    predictions: pd.DataFrame,
+    manifest: pd.DataFrame,
+    outputs: list[str],
+    boot: Bootstrap,
+    source: str = "predictions",
 ) -> Evaluation:
     """Test-part predictions (predictions.csv layout) joined to the manifest's generator and variant.
 
     Outputs without a label in ``manifest`` (alignment on AIGCQA-20k) are skipped, so a cross-dataset
-    run trained with alignment is scored on what the target set labels.
+    run trained with alignment is scored on what the target set labels. ``source`` names the
+    predictions in errors.
     """
+    check_finite_predictions(predictions, outputs, source)
     test = predictions[predictions["part"] == "test"]
     groups = manifest.set_index("image_id")[list(GROUP_COLUMNS)]
     unknown = sorted(set(test["image_id"]) - set(groups.index))

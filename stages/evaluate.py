@@ -47,7 +47,9 @@ def evaluate_run(
         raise FileNotFoundError(f"{run_dir}/run.json missing: run `dvc repro` for the stage that writes it")
     meta = json.loads((run_dir / "run.json").read_text())
     pred = pd.read_csv(run_dir / "predictions.csv", dtype={"image_id": str})
-    result = evaluate_predictions(pred, manifest, meta["outputs"], boot)
+    result = evaluate_predictions(
+        pred, manifest, meta["outputs"], boot, source=str(run_dir / "predictions.csv")
+    )
     summary = {
         **result.summary,
         "n_splits": int(result.per_split["split"].nunique()),

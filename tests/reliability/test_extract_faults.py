@@ -102,11 +102,15 @@ def test_killed_extract_resumes_to_the_bytes_of_a_clean_run(project):
     ).read_bytes()
 
 
-def test_a_code_change_between_kill_and_rerun_sets_the_partial_aside(project):
-    """Fix the encoder after a kill: the rerun must not mix rows of two code versions."""
+@pytest.mark.parametrize(
+    "source", ["pipeline/encoders/vit/__init__.py", "stages/extract.py"], ids=["encoder", "stage (__main__)"]
+)
+def test_a_code_change_between_kill_and_rerun_sets_the_partial_aside(project, source):
+    """Fix the encoder, or the stage that ``python -m`` runs as ``__main__``, after a kill: the rerun
+    must not mix rows of two code versions."""
     _kill_after_commits(project, "features/demo/vit.h5", rows=4)
-    encoder = project / "pipeline" / "encoders" / "vit" / "__init__.py"
-    encoder.write_text(encoder.read_text() + "\n# a fix\n")
+    edited = project / source
+    edited.write_text(edited.read_text() + "\n# a fix\n")
     rerun = _stage(project, *_extract(project, "features/demo/vit.h5"))
     assert _computed(rerun.stdout) == N_IMAGES
     assert "aside" in rerun.stderr and "source_sha256" in rerun.stderr
