@@ -37,7 +37,7 @@ def read_manifest(path):
     """Read a manifest CSV keeping ids, groups and prompts as strings and empty MOS as NaN."""
     import pandas as pd
 
-    text = {c: str for c in ("image_id", "path", "prompt", "group", "generator", "variant")}
+    text = {c: str for c in ("image_id", "path", "prompt", "group", "generator", "variant", "sha256")}
     return pd.read_csv(
         path, dtype=text, keep_default_na=False, na_values={"mos_quality": [""], "mos_align": [""]}
     )

@@ -11,6 +11,16 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-for _name in ("prepare", "split", "pretrain_i2p", "extract", "train", "evaluate", "cross", "report"):
+for _name in (
+    "generate_demo",
+    "prepare",
+    "split",
+    "pretrain_i2p",
+    "extract",
+    "train",
+    "evaluate",
+    "cross",
+    "report",
+):
     _module = importlib.import_module(f"stages.{_name}")
     app.command(_name, help=_module.__doc__.splitlines()[0])(_module.main)

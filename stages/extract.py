@@ -11,7 +11,6 @@ tower (clip only), the encoder loads it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -32,14 +31,16 @@ PARAMS = ("profile", "extract.dtype", "extract.{encoder}")
 
 
 class Images(Dataset):
-    def __init__(self, paths: list[Path], preprocess):
-        self.paths, self.preprocess = paths, preprocess
+    """Decoded, preprocessed images; bytes that differ from the manifest's sha256 stop the run."""
+
+    def __init__(self, paths: list[Path], digests: list[str], preprocess):
+        self.paths, self.digests, self.preprocess = paths, digests, preprocess
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.preprocess(load_rgb(self.paths[i]))
+        return self.preprocess(load_rgb(self.paths[i], self.digests[i]))
 
 
 def chunk_batches(pending: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -54,7 +55,8 @@ def chunk_batches(pending: list[tuple[int, int]], batch_size: int) -> list[list[
 def main(
     dataset: str,
     encoder: str,
-    data_dir: Path,
+    manifest_path: Path,
+    images: Path,
     out: Path,
     i2p: Annotated[
         Path | None, typer.Option(help="the pretrain_i2p record folder models/i2p/<encoder>")
@@ -63,8 +65,7 @@ def main(
     p = read_params(PARAMS, encoder=encoder)
     rt = runtime()
     device = resolve_device(rt["device"])
-    manifest = read_manifest(data_dir / "manifest.csv")
-    root = Path(json.loads((data_dir / "source.json").read_text())["root"])
+    manifest = read_manifest(manifest_path)
     cfg = p["extract.{encoder}"]
     tower = adapted_tower(i2p, encoder) if i2p is not None else None
     if tower is not None:
@@ -85,7 +86,8 @@ def main(
     with StoreWriter(out, ids, provenance, schema, chunk_rows=rt["chunk_rows"], extras=extras) as writer:
         pending = writer.pending()
         todo = sum(stop - start for start, stop in pending)
-        images = Images([root / path for path in manifest["path"]], enc.preprocess)
+        paths = [images / path for path in manifest["path"]]
+        images = Images(paths, manifest["sha256"].tolist(), enc.preprocess)
         loader = DataLoader(
             images,
             batch_sampler=chunk_batches(pending, rt["batch_size"]),

@@ -1,48 +1,47 @@
-"""Stage `prepare@<dataset>`: labels (+ images) -> data/<dataset>/{manifest.csv, bad_images.csv, source.json}.
+"""Stage `prepare@<dataset>`: data/raw/<dataset> -> data/<dataset>/{manifest.csv, bad_images.csv}.
 
-The demo profile generates its images into data/<dataset>/images from a seed. Real datasets keep
-their images where the user put them (``data.<dataset>.images``); a missing folder is an error
-that says where the dataset goes and how to get it. Everything is written to a sibling
-``.partial`` folder and renamed at the end, so a failed run leaves nothing half-written.
+Every dataset lives in data/raw/<dataset>/ (a folder or a symlink to one): its label file
+(``data.<dataset>.labels``, relative to that folder) and its images. That folder is the stage's DVC
+dep, so editing the labels or replacing an image re-runs it, while moving the data elsewhere and
+re-pointing the symlink re-runs nothing. The manifest records each image's sha256, so downstream
+stages depend on image content, never on where the images are. The demo's folder is drawn by the
+generate_demo stage. The label file is validated before anything is written; the outputs are
+written to a sibling ``.partial`` folder and renamed at the end, so a failed run leaves nothing
+half-written.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import typer
 
-from pipeline.data import check_images, generate_demo, load_labels
+from pipeline.data import check_images, load_labels
+from pipeline.data.labels import DATASET_GUIDES
 from stages import read_params
 
 PARAMS = ("data.{dataset}",)
+RAW = Path("data/raw")
 
 
 def main(dataset: str, out_dir: Path) -> None:
     cfg = read_params(PARAMS, dataset=dataset)["data.{dataset}"]
+    root = RAW / dataset
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset folder {root} does not exist: put (or symlink) the dataset there. "
+            f"{DATASET_GUIDES.get(cfg['kind'], '')}".strip()
+        )
+    manifest = load_labels(cfg["kind"], root / cfg["labels"], **cfg.get("options", {}))
+    good, bad = check_images(
+        manifest, root, on_bad_image=cfg.get("on_bad_image", "error"), dataset=cfg["kind"]
+    )
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if cfg["kind"] == "demo":
-        manifest = generate_demo(
-            tmp,
-            seed=cfg["seed"],
-            n_prompts=cfg["n_prompts"],
-            images_per_prompt=cfg["images_per_prompt"],
-            size=cfg["size"],
-        )
-        root, source_root = tmp, out_dir
-    else:
-        manifest = load_labels(cfg["kind"], Path(cfg["labels"]), **cfg.get("options", {}))
-        root = source_root = Path(cfg["images"])
-    good, bad = check_images(manifest, root, on_bad_image=cfg.get("on_bad_image", "error"))
     good.to_csv(tmp / "manifest.csv", index=False)
     bad.to_csv(tmp / "bad_images.csv", index=False)
-    (tmp / "source.json").write_text(
-        json.dumps({"dataset": dataset, "kind": cfg["kind"], "root": str(source_root)}, indent=2) + "\n"
-    )
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
     typer.echo(f"{dataset}: {len(good)} images in manifest, {len(bad)} skipped (bad_images.csv)")

@@ -8,7 +8,8 @@ and nothing else; disabled, every record is constant. The pairs are ``i2p.pairs`
 is apart from AGIQA-3k) or a CSV with columns ``path,prompt``. Like the datasets' label files, that
 CSV and its images are read through params, not tracked as DVC deps: after editing them, rerun
 with ``dvc repro -f pretrain_i2p``. The checkpoint lives in ``<out>.partial/`` (DVC deletes a
-stage's outputs before running it), so a killed run resumes from its last finished epoch.
+stage's outputs before running it), so a killed run resumes from its last finished epoch; one made by
+other code or settings is set aside there (``checkpoint.pt.discarded-<time>``) and kept.
 """
 
 from __future__ import annotations
@@ -68,7 +69,18 @@ def main(out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     build.replace(out)
-    shutil.rmtree(scratch)
+    clean_scratch(scratch)
+
+
+def clean_scratch(scratch: Path) -> None:
+    """Remove the scratch folder, except checkpoints set aside (``*.discarded-*``): never delete training."""
+    for entry in scratch.iterdir():
+        if ".discarded-" not in entry.name:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if kept := sorted(entry.name for entry in scratch.iterdir()):
+        typer.echo(f"kept {kept} in {scratch}: checkpoints set aside, delete them when no longer wanted")
+    else:
+        scratch.rmdir()
 
 
 if __name__ == "__main__":

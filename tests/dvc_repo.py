@@ -18,8 +18,8 @@ STAGE_ENV = {
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 # The demo shrunk for DVC-level tests: fewer images, folds and epochs, set with -S as a user would.
 SHRINK = [
-    "data.demo.n_prompts=16",
-    "data.demo.images_per_prompt=5",
+    "data.demo.generate.n_prompts=16",
+    "data.demo.generate.images_per_prompt=5",
     "split.grouped_kfold.k=3",
     "probe.recipe.epochs=4",
     "ma_agiqa.recipe.epochs=2",

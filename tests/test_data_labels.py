@@ -147,7 +147,7 @@ def test_csv_loader_maps_columns_and_groups(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("file,text\na.png,cat\n", r"labels.csv: missing columns \['mos'\]"),
+        ("file,text\na.png,cat\n", r"labels.csv: missing columns 'mos'; has"),
         (
             "file,text,mos\na.png,cat,3\nb.png,cat,\n",
             r"labels.csv: mos_quality is missing or not finite in rows 3",

@@ -80,7 +80,16 @@ def test_fusion_and_qa_token_experiments_retrain_only_their_heads(repo):
 def test_killed_extract_resumes_without_recomputing_finished_chunks(repo):
     """SIGKILL mid-run, then rerun: only the missing rows are computed and the store equals a clean one."""
     out = repo / "features" / "demo" / "vit_resumed.h5"
-    cmd = [sys.executable, "-m", "stages.extract", "demo", "vit", "data/demo", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.extract",
+        "demo",
+        "vit",
+        "data/demo/manifest.csv",
+        "data/raw/demo",
+        str(out),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

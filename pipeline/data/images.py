@@ -1,18 +1,35 @@
-"""Reading images as 8-bit RGB, and checking that every manifest row has a decodable image."""
+"""Reading images as 8-bit RGB, and checking that every manifest row has a decodable image.
+
+Every image is read the way a viewer shows it: EXIF orientation applied (a phone JPEG stored sideways
+is seen upright), transparency composited onto white, 16-bit and CMYK converted. ``check_images``
+records each file's sha256 in the manifest, so that a replaced image changes the manifest (and DVC
+re-extracts it) and ``load_rgb(path, sha256)`` refuses bytes that changed since ``prepare``.
+Images above PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, about 89 megapixels) are
+reported as bad rather than decoded. A 1 x 1 image is a valid image: the encoders resize every image.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.data.labels import DATASET_GUIDES
 
 BAD_COLUMNS = ("image_id", "path", "row", "reason")
+
+
+class ImageChanged(ValueError):
+    """An image's bytes differ from the sha256 that ``prepare`` recorded in the manifest."""
+
+
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -37,29 +54,44 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image file fully (the file is closed on return) as 8-bit RGB; every encoder uses this."""
-    with Image.open(path) as image:
+def load_rgb(path: Path, sha256: str | None = None) -> Image.Image:
+    """Decode an image file as upright 8-bit RGB; every encoder uses this.
+
+    With ``sha256`` (the manifest's), bytes that changed since ``prepare`` raise ``ImageChanged``.
+    """
+    data = Path(path).read_bytes()
+    if sha256 is not None and (found := hashlib.sha256(data).hexdigest()) != sha256:
+        raise ImageChanged(
+            f"{path} changed since prepare (sha256 {found[:12]}..., the manifest has {sha256[:12]}...): "
+            "run `dvc repro` so that prepare records it and its features are extracted again"
+        )
+    with Image.open(io.BytesIO(data)) as image:
         image.load()
-        return to_rgb(image)
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
-def _problem(file: Path) -> str | None:
-    """Why `file` is not a usable image, or None. Decodes it fully (JPEGs at 1/8 scale, which still
-    reads every byte of the stream), because only a full decode notices a truncated file."""
+def _inspect(file: Path) -> tuple[str | None, str]:
+    """(why ``file`` is not a usable image or None, sha256 of its bytes). Decodes it fully (JPEGs at 1/8
+    scale, which still reads every byte of the stream), because only a full decode notices a truncated
+    file; PIL's decompression-bomb warning counts as a failure."""
     if not file.exists():
-        return "missing file"
+        return "missing file", ""
     if not file.is_file():
-        return "not a regular file"
-    if file.stat().st_size == 0:
-        return "empty file"
+        return "not a regular file", ""
+    data = file.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return "empty file", digest
     try:
-        with Image.open(file) as image:
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
+                ImageOps.exif_transpose(image)
     except Exception as err:  # any decoder failure means the same thing here: unusable image
-        return f"not a readable image ({type(err).__name__}: {err})"
-    return None
+        return f"not a readable image ({type(err).__name__}: {err})", digest
+    return None, digest
 
 
 def check_images(
@@ -69,7 +101,8 @@ def check_images(
     dataset: str | None = None,
     workers: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split the manifest into rows whose image decodes and a `bad` table (image_id, path, row, reason).
+    """Split the manifest into rows whose image decodes (with their ``sha256``) and a `bad` table
+    (image_id, path, row, reason).
 
     on_bad_image: "error" stops with every bad file listed (file, manifest row, reason); "skip" returns
     them in `bad` for the caller to write as an artifact. A root that does not exist, or in which not
@@ -86,7 +119,8 @@ def check_images(
     if not root.is_dir():
         raise FileNotFoundError(f"dataset image folder {root} does not exist. {layout}")
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        reasons = list(pool.map(_problem, [root / path for path in manifest["path"]]))
+        inspected = list(pool.map(_inspect, [root / path for path in manifest["path"]]))
+    reasons, digests = [r for r, _ in inspected], [d for _, d in inspected]
     is_bad = np.array([reason is not None for reason in reasons], dtype=bool)
     if len(manifest) and all(reason == "missing file" for reason in reasons):
         raise FileNotFoundError(f"none of the {len(manifest)} images was found under {root}. {layout}")
@@ -105,4 +139,5 @@ def check_images(
         raise ValueError(
             f"{len(bad)} bad image(s) under {root}; fix them or set on_bad_image: skip\n{listed}{more}"
         )
-    return manifest[~is_bad], bad
+    good = manifest.assign(sha256=digests)[~is_bad]
+    return good, bad

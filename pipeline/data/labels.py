@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable
+from difflib import get_close_matches
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.data.manifest import ManifestError, validate_manifest
+from pipeline.data.manifest import MANIFEST_COLUMNS, ManifestError, validate_manifest
 
 # Where each public dataset comes from and how its images must lie; quoted by every "not found" error.
 DATASET_GUIDES: dict[str, str] = {
@@ -33,6 +34,7 @@ DATASET_GUIDES: dict[str, str] = {
         "https://www.modelscope.cn/datasets/lcysyzxdxc/AIGCQA-30K-Image. Put the 14,000 images named in "
         "info_train.csv directly in the dataset root, e.g. <root>/DALLE2_0000.png."
     ),
+    "demo": "The demo: drawn by the generate_demo stage (dvc repro generate_demo).",
     "csv": (
         "Your own data: a CSV with one row per image (image file name relative to the dataset root, "
         "MOS, optionally prompt, alignment MOS and generator) and the images under the dataset root."
@@ -55,20 +57,44 @@ AGIQA1K_XLSX_DUPLICATE = "dreamStudio_8_9_1_1.jpg"
 AGIQA1K_CSV_RENAMES = {"dreamStudio_8_9_1_.jpg": "dreamStudio_8_9_1_1.jpg"}
 
 
+def _with_hint(column: str, have: list[str]) -> str:
+    close = get_close_matches(column, have, 1)
+    return f"{column!r} (did you mean {close[0]!r}?)" if close else repr(column)
+
+
 def _read_table(labels: Path, required: list[str], kind: str) -> pd.DataFrame:
-    """Read a CSV or xlsx as text (MOS stays raw so validation can quote a bad cell), index = file row."""
+    """Read a CSV (UTF-8, with or without BOM) or xlsx as text (MOS stays raw so validation can quote a
+    bad cell), index = file row. An empty, header-only, non-UTF-8 or unparsable file, or missing
+    columns, is a ``ManifestError`` naming the file, before any image is read."""
     labels = Path(labels)
     if not labels.is_file():
         raise FileNotFoundError(f"label file {labels} not found. {DATASET_GUIDES[kind]}")
-    if labels.suffix.lower() in (".xlsx", ".xls"):
-        df = pd.read_excel(labels, dtype=str)
-    else:
-        df = pd.read_csv(labels, dtype=str, keep_default_na=False, skipinitialspace=True)
+    try:
+        if labels.suffix.lower() in (".xlsx", ".xls"):
+            df = pd.read_excel(labels, dtype=str)
+        else:
+            df = pd.read_csv(
+                labels, dtype=str, keep_default_na=False, skipinitialspace=True, encoding="utf-8-sig"
+            )
+    except pd.errors.EmptyDataError:
+        raise ManifestError(
+            f"{labels}: the file is empty; expected a header with columns {required}"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(
+            f"{labels}: not UTF-8 text (byte {e.object[e.start : e.start + 1]!r} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
+    except (pd.errors.ParserError, ValueError, OSError) as e:
+        raise ManifestError(f"{labels}: not a readable label table ({type(e).__name__}: {e})") from None
     df = df.fillna("")
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ManifestError(f"{labels}: missing columns {missing}; has {list(df.columns)}")
+        hints = [_with_hint(c, list(df.columns)) for c in missing]
+        raise ManifestError(f"{labels}: missing columns {', '.join(hints)}; has {list(df.columns)}")
+    if df.empty:
+        raise ManifestError(f"{labels}: a header and no rows: no images to prepare")
     df.index = pd.RangeIndex(2, len(df) + 2)
     return df
 
@@ -253,11 +279,18 @@ def load_csv(
     return validate_manifest(manifest, str(labels))
 
 
+def load_manifest_csv(labels: Path, image_dir: str = "") -> pd.DataFrame:
+    """A label file already in the manifest's layout (the demo's labels.csv)."""
+    df = _read_table(labels, list(MANIFEST_COLUMNS), "demo")
+    return validate_manifest(df.assign(path=_image_path(df["path"], image_dir)), str(labels))
+
+
 LOADERS: dict[str, Callable[..., pd.DataFrame]] = {
     "agiqa3k": load_agiqa3k,
     "agiqa1k": load_agiqa1k,
     "aigcqa20k": load_aigcqa20k,
     "csv": load_csv,
+    "demo": load_manifest_csv,
 }
 
 

@@ -84,6 +84,12 @@ def validate_manifest(df: pd.DataFrame, source: str) -> pd.DataFrame:
             f"{source}: image {name!r} appears more than once, rows {_rows(out, out['image_id'] == name)} "
             f"({duplicated.sum()} rows share a name)"
         )
+    blank_prompt = out["prompt"] == ""
+    if blank_prompt.any() and not blank_prompt.all():
+        raise ManifestError(
+            f"{source}: empty or blank prompt in rows {_rows(out, blank_prompt)} (column prompt); "
+            "every image of a dataset with prompts needs one"
+        )
     escaping = out["path"].map(escapes_root)
     if escaping.any():
         first = out.index[escaping.to_numpy()][0]
@@ -96,9 +102,11 @@ def validate_manifest(df: pd.DataFrame, source: str) -> pd.DataFrame:
 
 
 def manifest_hash(df: pd.DataFrame) -> str:
-    """SHA-256 of the manifest columns as CSV (floats at full precision, index ignored).
+    """SHA-256 of the manifest columns as CSV (floats at full precision, index ignored), with the images'
+    own sha256 once ``check_images`` has added them.
 
-    Feature stores record it, so a store built from other labels or another row order is refused.
+    Feature stores record it, so a store built from other labels, images or row order is refused.
     """
-    text = df.loc[:, list(MANIFEST_COLUMNS)].to_csv(index=False, lineterminator="\n")
+    columns = [*MANIFEST_COLUMNS, *(["sha256"] if "sha256" in df else [])]
+    text = df.loc[:, columns].to_csv(index=False, lineterminator="\n")
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

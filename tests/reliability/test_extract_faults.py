@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.store import FeatureStore
+
 ROOT = Path(__file__).resolve().parents[2]
 N_IMAGES = 12
 
@@ -43,9 +45,10 @@ def prepared(tmp_path_factory) -> Path:
     for package in ("pipeline", "stages"):
         shutil.copytree(ROOT / package, tmp / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"]["demo"].update(n_prompts=4, images_per_prompt=3)
+    params["data"]["demo"]["generate"].update(n_prompts=4, images_per_prompt=3)
     params["runtime"].update(chunk_rows=2, batch_size=2, device="cpu")
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _stage(tmp, "stages.generate_demo", "data/raw/demo")
     _stage(tmp, "stages.prepare", "demo", "data/demo")
     _stage(tmp, "stages.pretrain_i2p", "models/i2p")
     return tmp
@@ -58,7 +61,16 @@ def project(prepared, tmp_path) -> Path:
 
 
 def _extract(project: Path, out: str) -> list[str]:
-    return ["stages.extract", "demo", "vit", "data/demo", out, "--i2p", "models/i2p/vit"]
+    return [
+        "stages.extract",
+        "demo",
+        "vit",
+        "data/demo/manifest.csv",
+        "data/raw/demo",
+        out,
+        "--i2p",
+        "models/i2p/vit",
+    ]
 
 
 def _kill_after_commits(project: Path, out: str, rows: int) -> int:
@@ -144,5 +156,6 @@ def test_two_extracts_on_one_store_never_lose_rows(project):
     first.stdout.read()
     assert first.wait() == 0
     assert second.returncode != 0 and f"in use by PID {first.pid}" in second.stderr
-    again = _stage(project, *_extract(project, "features/demo/vit.h5"))
-    assert _computed(again.stdout) == N_IMAGES  # the finished store was replaced by a complete rerun
+    with FeatureStore(project / "features/demo/vit.h5") as store:  # refuses an unfinished store
+        assert len(store) == N_IMAGES
+    assert not list((project / "features/demo").glob("vit.h5.partial*"))
