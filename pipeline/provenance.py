@@ -11,7 +11,10 @@ then set aside instead of being resumed into a store that mixes two versions.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
+import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -67,3 +70,15 @@ def device_kind(device: str) -> str:
 def code_identity(device: str) -> dict[str, object]:
     """Provenance of the code that computes: call it after the encoder (and its modules) is built."""
     return {"source_sha256": source_digest(), "libraries": library_versions(), "device": device_kind(device)}
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a stale partial result to ``<name>.discarded-<time>`` (never delete: it may hold hours of
+    GPU work) and warn, saying why; returns the new path."""
+    aside = path.with_name(f"{path.name}.discarded-{time.strftime('%Y%m%dT%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
+    os.replace(path, aside)
+    warnings.warn(f"set {path} aside as {aside.name}: {why}", stacklevel=3)
+    return aside

@@ -32,7 +32,6 @@ import json
 import os
 import socket
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ import h5py
 import numpy as np
 
 import pipeline
+from pipeline.provenance import set_aside
 
 FORMAT_VERSION = 1
 IDS, DONE = "image_id", "_done"
@@ -272,12 +272,7 @@ class StoreWriter:
             if not reasons:
                 return f
             f.close()
-        aside = self.partial.with_name(f"{self.partial.name}.discarded-{time.strftime('%Y%m%dT%H%M%S')}")
-        n = 1
-        while aside.exists():
-            aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
-        os.replace(self.partial, aside)
-        warnings.warn(f"set {self.partial} aside as {aside.name}: " + "; ".join(reasons), stacklevel=3)
+        set_aside(self.partial, "; ".join(reasons))
         return None
 
     def _resume_mismatches(self, f: h5py.File) -> list[str]:

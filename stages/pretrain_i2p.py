@@ -22,8 +22,8 @@ import typer
 from pipeline.data import generate_demo
 from pipeline.encoders import list_encoders
 from pipeline.encoders.clip import build_clip_model
-from pipeline.encoders.clip.i2p import I2PConfig, pretrain_image2prompt, read_pairs
 from pipeline.encoders.common import write_disabled
+from pipeline.i2p import I2PConfig, pretrain_image2prompt, read_pairs
 from stages import read_params, resolve_device, runtime
 
 PARAMS = ("profile", "extract.clip", "i2p")

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from pipeline.data import generate_demo, load_rgb
 from pipeline.encoders import create_encoder
 from pipeline.encoders.clip import build_clip_model
-from pipeline.encoders.clip.i2p import WEIGHTS, I2PConfig, pretrain_image2prompt, read_pairs
 from pipeline.encoders.common import adapted_tower, resize_normalize, sha256_file, write_disabled
+from pipeline.i2p import WEIGHTS, I2PConfig, pretrain_image2prompt, read_pairs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ import yaml
 
 from pipeline.data import generate_demo
 from pipeline.encoders.clip import build_clip_model
-from pipeline.encoders.clip.i2p import I2PConfig, pretrain_image2prompt, read_pairs
+from pipeline.i2p import I2PConfig, pretrain_image2prompt, read_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 3
@@ -104,7 +104,7 @@ def test_killed_pretraining_resumes_to_the_clean_weights(project, clean_sha, kil
 
 def test_a_code_change_between_kill_and_rerun_sets_the_checkpoint_aside(project, clean_sha):
     assert _pretrain(project, kill=3).returncode == -signal.SIGKILL  # two epochs checkpointed
-    i2p = project / "pipeline/encoders/clip/i2p.py"
+    i2p = project / "pipeline/i2p.py"
     i2p.write_text(i2p.read_text() + "\n# a fix\n")
     rerun = _pretrain(project)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

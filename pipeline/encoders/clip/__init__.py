@@ -5,7 +5,7 @@ re-learns the pooling, so the cache holds layer4's map (2048 x 16 x 16). Text is
 the [QA] token is trained, so the cache also holds, per unique prompt, the token ids, the final
 token states (after ``ln_final``), the end-of-text index and the projected EOT feature.
 The demo profile uses ``RN50-tiny`` (model_configs/, the same ModifiedResNet and text tower).
-With Image2Prompt (``i2p.py`` here) the image tower is the adapted one: ``cfg["image_tower"]``
+With Image2Prompt (``pipeline/i2p.py``) the image tower is the adapted one: ``cfg["image_tower"]``
 names its weights and the provenance records their sha256 (``i2p``, None when unadapted).
 """
 

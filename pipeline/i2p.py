@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,7 +42,7 @@ from tqdm import tqdm
 from pipeline.data import load_rgb
 from pipeline.data.manifest import escapes_root
 from pipeline.encoders.common import RECORD, resize_normalize, sha256_file
-from pipeline.provenance import code_identity
+from pipeline.provenance import code_identity, set_aside
 
 WEIGHTS = "image_tower.safetensors"
 
@@ -164,9 +162,7 @@ def _resume(checkpoint: Path | None, fingerprint: str) -> dict | None:
             return state
     except Exception as err:  # any unpickling failure means the same: not a checkpoint of ours
         why = f"unreadable as a weights-only checkpoint ({type(err).__name__}: {err})"
-    aside = checkpoint.with_name(f"{checkpoint.name}.discarded-{time.strftime('%Y%m%dT%H%M%S')}")
-    os.replace(checkpoint, aside)
-    warnings.warn(f"set {checkpoint} aside as {aside.name}: {why}", stacklevel=3)
+    set_aside(checkpoint, why)
     return None
 
 
