@@ -28,8 +28,11 @@ from stages import read_manifest, read_params, resolve_device, runtime
 # ablations have a family (and stage) of their own that reads no fusion.experts or fusion.streams,
 # so that an experts/streams experiment re-trains the full model alone.
 _MA_AGIQA = ("train", "ma_agiqa.outputs", "ma_agiqa.maniqa", "ma_agiqa.recipe")
+# Per key, never a whole section, where a section also lists the runs: adding an encoder to
+# probe.encoders or a variant to ipiqa.variants must retrain nothing that exists.
+_IPIQA = ("outputs", "qa_token", "fusion", "dropout", "head_scale", "recipe")
 PARAMS = {
-    "probe": ("train", "probe"),
+    "probe": ("train", "probe.outputs", "probe.model", "probe.recipe"),
     "ma_agiqa": (*_MA_AGIQA, "fusion"),
     "ma_agiqa_ablation": (
         *_MA_AGIQA,
@@ -38,7 +41,7 @@ PARAMS = {
         "fusion.shared_hidden",
         "fusion.drop",
     ),
-    "ipiqa": ("train", "ipiqa", "profile", "extract.clip"),
+    "ipiqa": ("train", *(f"ipiqa.{k}" for k in _IPIQA), "profile", "extract.clip"),
 }
 ABLATIONS = ("maniqa", "semantic_only")
 

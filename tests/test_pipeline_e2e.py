@@ -169,3 +169,13 @@ def test_every_stage_depends_on_exactly_the_code_it_imports(repo):
     assert set(traced) == stages, f"stages not traced: {sorted(stages - set(traced))}"
     problems = {stage: p for stage in sorted(traced) if (p := _dep_problems(repo, stage, traced[stage]))}
     assert not problems, json.dumps(problems, indent=2)
+
+
+def test_adding_a_variant_or_dropping_an_encoder_retrains_nothing_that_exists(repo):
+    """probe and ipiqa params are declared per key, never as the sections that also list the runs."""
+    out = _run(["dvc", "exp", "run", "-S", "ipiqa.variants=[ipiqa,ipiqa_image_only]"], repo).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {"train_ipiqa@demo-ipiqa_image_only", "evaluate@demo", "report"}, ran
+    out = _run(["dvc", "exp", "run", "-S", "probe.encoders=[vit,clip]"], repo).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {"evaluate@demo", "report"}, ran

@@ -308,7 +308,7 @@ def build_ipiqa(
 @register_head("ipiqa_image_only")
 def build_ipiqa_image_only(n_outputs: int, input_shapes: dict[str, tuple[int, ...]], **cfg) -> IPIQA:
     """The image-stream ablation (the paper's claim that the prompt stream helps)."""
-    return build_ipiqa(n_outputs, input_shapes, fusion="image", **cfg)
+    return build_ipiqa(n_outputs, input_shapes, **{**cfg, "fusion": "image"})
 
 
 # (our name prefix, original IPIQA prefix); first match wins.
