@@ -73,6 +73,12 @@ def validate_manifest(df: pd.DataFrame, source: str) -> pd.DataFrame:
     out = df.loc[:, list(MANIFEST_COLUMNS)].copy()
     for column in TEXT_COLUMNS:
         out[column] = out[column].fillna("").astype(str).str.strip()
+    blank_prompt = out["prompt"] == ""
+    if blank_prompt.any() and not blank_prompt.all():
+        raise ManifestError(
+            f"{source}: empty or blank prompt in rows {_rows(out, blank_prompt)} (column prompt); "
+            "every image of a dataset with prompts needs one"
+        )
     for column in ("image_id", "path", "group"):
         blank = out[column] == ""
         if blank.any():
@@ -83,12 +89,6 @@ def validate_manifest(df: pd.DataFrame, source: str) -> pd.DataFrame:
         raise ManifestError(
             f"{source}: image {name!r} appears more than once, rows {_rows(out, out['image_id'] == name)} "
             f"({duplicated.sum()} rows share a name)"
-        )
-    blank_prompt = out["prompt"] == ""
-    if blank_prompt.any() and not blank_prompt.all():
-        raise ManifestError(
-            f"{source}: empty or blank prompt in rows {_rows(out, blank_prompt)} (column prompt); "
-            "every image of a dataset with prompts needs one"
         )
     escaping = out["path"].map(escapes_root)
     if escaping.any():
