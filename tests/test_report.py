@@ -1,6 +1,7 @@
 """The report: a short DVC metrics file, and a summary with protocol, intervals, groups and anchors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,8 @@ from pipeline.anchors import ANCHORS, load_anchors
 from pipeline.evaluation import Bootstrap, evaluate_predictions
 from stages import report
 from stages.evaluate import write_tables
+
+ROOT = Path(__file__).resolve().parents[1]
 
 META = {"select": "val", "protocol": "grouped_kfold", "protocol_params": {"k": 2}, "protocol_hash": "ab" * 32}
 
@@ -50,14 +53,13 @@ def _metrics_dir(folder, runs=("ma_agiqa", "ipiqa"), **extra) -> None:
 
 @pytest.fixture
 def reported(tmp_path, monkeypatch):
-    params = {
-        "profile": "paper",
-        "datasets": ["agiqa3k"],
-        "cross": {"pairs": {"x": {"train": "aigcqa20k", "test": "agiqa3k"}}},
-    }
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(profile="paper", datasets=["agiqa3k", "aigcqa20k"])
+    params["cross"]["pairs"] = {"x": {"train": "aigcqa20k", "test": "agiqa3k"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     _metrics_dir(tmp_path / "metrics" / "agiqa3k")
+    _metrics_dir(tmp_path / "metrics" / "aigcqa20k")
     cross = {"train_dataset": "aigcqa20k", "train_protocol_hash": "cd" * 32}
     _metrics_dir(tmp_path / "metrics" / "cross" / "x", runs=("ma_agiqa",), **cross)
     report.main(
@@ -88,7 +90,7 @@ def test_metrics_file_is_short_and_flat(reported):
     assert all(
         isinstance(v, int | float) for v in flat.values()
     )  # no strings: dvc metrics diff stays numeric
-    assert len(flat) == 3 * (1 + 2 * 10)
+    assert len(flat) == 5 * (1 + 2 * 10)  # two runs on each dataset, one cross
 
 
 def test_summary_states_protocol_intervals_groups_and_anchors(reported):

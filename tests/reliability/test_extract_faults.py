@@ -18,6 +18,8 @@ import yaml
 
 from pipeline.store import FeatureStore
 
+pytestmark = pytest.mark.slow  # whole stages in subprocesses, each loading torch and timm
+
 ROOT = Path(__file__).resolve().parents[2]
 N_IMAGES = 12
 

@@ -90,6 +90,7 @@ def clean_sha(template, tmp_path_factory) -> str:
     return _weights_sha(project)
 
 
+@pytest.mark.slow  # the stage in subprocesses
 @pytest.mark.parametrize("kill", [1, 2], ids=["first checkpoint unrenamed", "second checkpoint unrenamed"])
 def test_killed_pretraining_resumes_to_the_clean_weights(project, clean_sha, kill):
     killed = _pretrain(project, kill)
@@ -102,6 +103,7 @@ def test_killed_pretraining_resumes_to_the_clean_weights(project, clean_sha, kil
     assert not (project / "models/i2p.partial").exists()
 
 
+@pytest.mark.slow
 def test_a_code_change_between_kill_and_rerun_sets_the_checkpoint_aside(project, clean_sha):
     assert _pretrain(project, kill=3).returncode == -signal.SIGKILL  # two epochs checkpointed
     i2p = project / "pipeline/i2p.py"
