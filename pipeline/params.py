@@ -1,5 +1,8 @@
 """Read params.yaml, after checking all of it against its schema.
 
+The file is read as YAML 1.2, as DVC reads and writes it: ``dvc exp run -S lr=1e-5`` writes ``1e-05``,
+a float to DVC and to us (YAML 1.1 readers such as PyYAML's would see a string).
+
 Every stage loads its declared keys through ``load``, which first validates the whole file: a typo,
 a wrong type, ``fusion.experts: 0``, a negative learning rate, an unknown head, protocol, dataset or
 encoder, a dataset listed twice or a profile spelled ``Paper`` stops the first stage that runs,
@@ -16,7 +19,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
 
 
 class ParamsError(ValueError):
@@ -352,11 +355,11 @@ def _relations(cfg: dict) -> list[str]:
             for side in ("train", "test")
             if pair[side] not in cfg["datasets"]
         ]
-    for name, data in cfg["data"].items():
-        if (data["kind"] == "demo") != ("generate" in data):
-            problems.append(
-                f"data.{name}.generate: {'required' if data['kind'] == 'demo' else 'only'} for kind demo"
-            )
+    problems += [
+        f"data.{name}.generate: only for kind demo, not {data['kind']!r}"
+        for name, data in cfg["data"].items()
+        if "generate" in data and data["kind"] != "demo"
+    ]
     return problems
 
 
@@ -375,7 +378,7 @@ def load(*keys: str, path: Path | str = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run stages from the repository root")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = YAML(typ="safe", pure=True).load(path.read_text()) or {}
     validate(cfg, path)
     out: dict[str, Any] = {}
     for key in keys:
