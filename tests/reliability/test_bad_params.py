@@ -117,9 +117,9 @@ def test_a_stage_with_bad_params_stops_before_any_work(tmp_path):
 
 
 def test_values_are_read_as_dvc_writes_them(tmp_path):
-    """`dvc exp run -S ma_agiqa.recipe.lr=1e-5` writes 1e-05: YAML 1.2 reads a float (PyYAML a string)."""
+    """`dvc exp run -S i2p.recipe.lr=1e-5` writes 1e-05: YAML 1.2 reads a float (PyYAML a string)."""
     from pipeline.params import load
 
     text = (ROOT / "params.yaml").read_text().replace("    lr: 0.001\n", "    lr: 1e-05\n", 1)
     (tmp_path / "params.yaml").write_text(text)
-    assert load("probe.recipe.lr", path=tmp_path / "params.yaml")["probe.recipe.lr"] == 1e-5
+    assert load("i2p.recipe.lr", path=tmp_path / "params.yaml")["i2p.recipe.lr"] == 1e-5
