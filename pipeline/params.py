@@ -137,10 +137,8 @@ SCHEMA = Section(
         "runtime": Section(
             {
                 "device": Text(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"),
-                "batch_size": INT1,
                 "num_workers": INT0,
                 "chunk_rows": INT1,
-                "eval_batch_size": INT1,
                 "memory_budget_gb": POSITIVE,
             }
         ),
@@ -159,6 +157,7 @@ SCHEMA = Section(
         "extract": Section(
             {
                 "dtype": One(("auto", "float32", "float16", "bfloat16")),
+                "batch_size": INT1,
                 "vit": Section(
                     {
                         "model": ANY_TEXT,

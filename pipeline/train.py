@@ -63,9 +63,8 @@ class RunConfig:
     """
 
     seed: int = 0
-    device: str = "auto"  # device, memory_budget_gb and eval_batch_size come from params `runtime`
+    device: str = "auto"  # device and memory_budget_gb come from params `runtime`: speed only
     memory_budget_gb: float = 4.0
-    eval_batch_size: int = 64
     select: str = "val"
     target_norm: str = "minmax"
     view_prob: float = 0.5
@@ -249,7 +248,7 @@ def train_split(
         if recipe.schedule == "cosine_epoch":
             sched.step()
         preds = {
-            p: predict(head, features, parts[p], run.eval_batch_size, device) * std + mean
+            p: predict(head, features, parts[p], recipe.batch_size, device) * std + mean
             if len(parts[p])
             else np.zeros((0, targets.shape[1]))
             for p in ("val", "test")

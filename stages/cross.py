@@ -169,7 +169,7 @@ def cross_run(run_name: str, p: dict, run: RunConfig, source: Dataset, target: D
         head.load_state_dict(result.state)
         rows = target.rows(test_split["test"])
         pred = predict(
-            head.to(run.torch_device), target_features, rows, run.eval_batch_size, run.torch_device
+            head.to(run.torch_device), target_features, rows, recipe["batch_size"], run.torch_device
         )
         frame = pd.DataFrame(
             {"split": k, "part": "test", "image_id": target.manifest["image_id"].to_numpy()[rows]}
@@ -217,8 +217,9 @@ def main(
 ) -> None:
     p = nest(read_params(PARAMS))
     rt = runtime()
-    speed = {k: rt[k] for k in ("memory_budget_gb", "eval_batch_size")}
-    run = RunConfig(**p["train"], device=resolve_device(rt["device"]), **speed)
+    run = RunConfig(
+        **p["train"], device=resolve_device(rt["device"]), memory_budget_gb=rt["memory_budget_gb"]
+    )
     encoders = sorted({e for r in p["cross"]["runs"] for e in head_inputs(*run_family(r, p), p)})
     source = Dataset.load(train_dataset, train_manifest, train_splits, train_features, encoders)
     target = Dataset.load(test_dataset, test_manifest, test_splits, test_features, encoders)

@@ -27,7 +27,7 @@ from pipeline.provenance import code_identity
 from pipeline.store import StoreWriter
 from stages import read_manifest, read_params, resolve_device, runtime
 
-PARAMS = ("profile", "extract.dtype", "extract.{encoder}")
+PARAMS = ("profile", "extract.dtype", "extract.batch_size", "extract.{encoder}")
 
 
 class Images(Dataset):
@@ -75,6 +75,7 @@ def main(
         **enc.provenance(),
         "dataset": dataset,
         "manifest_hash": manifest_hash(manifest),
+        "batch_size": p["extract.batch_size"],
         "code": code_identity(device),
     }
     ids = manifest["image_id"].tolist()
@@ -83,14 +84,18 @@ def main(
     if extras:
         extras["text_prompts"] = np.array(prompts, dtype=object)
     schema = enc.schema()
-    with StoreWriter(out, ids, provenance, schema, chunk_rows=rt["chunk_rows"], extras=extras) as writer:
+    # Batches are rows [kB, (k+1)B) whatever the chunk size or the resume point: a forward pass's last
+    # bits can depend on its batch (measured for CLIP on CPU), so batches are fixed by extract.batch_size.
+    batch_size = p["extract.batch_size"]
+    chunk_rows = -(-rt["chunk_rows"] // batch_size) * batch_size
+    with StoreWriter(out, ids, provenance, schema, chunk_rows=chunk_rows, extras=extras) as writer:
         pending = writer.pending()
         todo = sum(stop - start for start, stop in pending)
         paths = [images / path for path in manifest["path"]]
         images = Images(paths, manifest["sha256"].tolist(), enc.preprocess)
         loader = DataLoader(
             images,
-            batch_sampler=chunk_batches(pending, rt["batch_size"]),
+            batch_sampler=chunk_batches(pending, batch_size),
             num_workers=rt["num_workers"],
             pin_memory=device.startswith("cuda"),
         )

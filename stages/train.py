@@ -164,8 +164,9 @@ def main(
         raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
     p = nest(read_params(PARAMS[family]))
     rt = runtime()
-    speed = {k: rt[k] for k in ("memory_budget_gb", "eval_batch_size")}
-    run = RunConfig(**p["train"], device=resolve_device(rt["device"]), **speed)
+    run = RunConfig(
+        **p["train"], device=resolve_device(rt["device"]), memory_budget_gb=rt["memory_budget_gb"]
+    )
     manifest = read_manifest(manifest_path)
     splits = read_splits(splits_path)
     prompts = sorted(set(manifest["prompt"]))

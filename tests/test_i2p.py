@@ -229,7 +229,7 @@ def test_stage_writes_one_record_per_encoder_and_vit_records_never_change(tmp_pa
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["i2p"].update(enabled=True, demo={"seed": 1, "n_prompts": 2, "images_per_prompt": 2, "size": 32})
     params["i2p"]["recipe"].update(epochs=1, batch_size=4)
-    params["runtime"].update(device="cpu", batch_size=4, num_workers=0)
+    params["runtime"].update(device="cpu", num_workers=0)
     monkeypatch.chdir(tmp_path)
     snapshots = {}
     for enabled in (True, False):

@@ -48,7 +48,8 @@ def prepared(tmp_path_factory) -> Path:
         shutil.copytree(ROOT / package, tmp / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["demo"]["generate"].update(n_prompts=4, images_per_prompt=3)
-    params["runtime"].update(chunk_rows=2, batch_size=2, device="cpu")
+    params["runtime"].update(chunk_rows=2, device="cpu")
+    params["extract"]["batch_size"] = 2
     (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _stage(tmp, "stages.generate_demo", "data/raw/demo")
     _stage(tmp, "stages.prepare", "demo", "data/demo")
@@ -133,7 +134,7 @@ def test_a_code_change_between_kill_and_rerun_sets_the_partial_aside(project, so
 
 def test_runtime_settings_change_no_byte_of_the_store(project):
     _stage(project, *_extract(project, "features/demo/a.h5"))
-    _set_runtime(project, batch_size=5, chunk_rows=3, num_workers=1, device="auto")
+    _set_runtime(project, chunk_rows=3, num_workers=1, device="auto")
     _stage(project, *_extract(project, "features/demo/b.h5"))
     assert (project / "features/demo/a.h5").read_bytes() == (project / "features/demo/b.h5").read_bytes()
 
