@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from difflib import get_close_matches
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -274,7 +275,10 @@ SCHEMA = Section(
 )
 
 
+@cache
 def _registered(kind: str) -> tuple[str, ...]:
+    """The names a registry accepts; asked once per validation (``validate`` clears the cache), since
+    listing scans the installed packages' entry points."""
     if kind == "encoder":
         from pipeline.encoders import list_encoders
 
@@ -365,6 +369,7 @@ def _relations(cfg: dict) -> list[str]:
 def validate(cfg: Any, path: Path | str = "params.yaml") -> None:
     """Raise ``ParamsError`` listing every key of ``cfg`` that misses the schema or a rule between keys."""
     problems: list[str] = []
+    _registered.cache_clear()
     _check(SCHEMA, cfg, "", problems)
     if not problems:
         problems = _relations(cfg)

@@ -7,25 +7,21 @@ beside its target and renamed when complete.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import typer
 
 from pipeline.data.demo import generate_demo
-from stages import read_params
+from stages import built_beside, read_params
 
 PARAMS = ("data.demo.generate",)
 
 
 def main(out: Path) -> None:
     cfg = read_params(PARAMS)["data.demo.generate"]
-    building = out.with_name(out.name + ".partial")
-    shutil.rmtree(building, ignore_errors=True)
-    manifest = generate_demo(building, **cfg)
-    manifest.to_csv(building / "labels.csv", index=False)
-    shutil.rmtree(out, ignore_errors=True)
-    building.replace(out)
+    with built_beside(out) as building:
+        manifest = generate_demo(building, **cfg)
+        manifest.to_csv(building / "labels.csv", index=False)
     typer.echo(f"demo: {len(manifest)} images in {out}")
 
 

@@ -12,14 +12,13 @@ half-written.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import typer
 
 from pipeline.data import check_images, load_labels
 from pipeline.data.labels import DATASET_GUIDES
-from stages import read_params
+from stages import built_beside, read_params
 
 PARAMS = ("data.{dataset}",)
 RAW = Path("data/raw")
@@ -37,13 +36,9 @@ def main(dataset: str, out_dir: Path) -> None:
     good, bad = check_images(
         manifest, root, on_bad_image=cfg.get("on_bad_image", "error"), dataset=cfg["kind"]
     )
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    good.to_csv(tmp / "manifest.csv", index=False)
-    bad.to_csv(tmp / "bad_images.csv", index=False)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.replace(out_dir)
+    with built_beside(out_dir) as building:
+        good.to_csv(building / "manifest.csv", index=False)
+        bad.to_csv(building / "bad_images.csv", index=False)
     typer.echo(f"{dataset}: {len(good)} images in manifest, {len(bad)} skipped (bad_images.csv)")
 
 

@@ -8,7 +8,6 @@ Writes per split the selected epoch's weights (``split<k>.pt``), all predictions
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +21,7 @@ from pipeline.heads import create_head
 from pipeline.splits import read_splits
 from pipeline.store import FeatureStore
 from pipeline.train import Recipe, RunConfig, output_names, train_protocol
-from stages import read_manifest, read_params, resolve_device, runtime
+from stages import built_beside, read_manifest, read_params, resolve_device, runtime
 
 # The params each head family reads: its own sections plus the shared `train` section. MA-AGIQA's
 # ablations have a family (and stage) of their own that reads no fusion.experts or fusion.streams,
@@ -221,18 +220,14 @@ def main(
 def write_run(out_dir: Path, results: list, meta: dict) -> None:
     """The run folder, written beside it and renamed when complete: a killed run leaves no folder that
     could be read as finished (``run.json``, written last, is what evaluate requires)."""
-    building = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    for k, result in enumerate(results):
-        torch.save(result.state, building / f"split{k}.pt")
-    pd.concat([r.predictions for r in results]).to_csv(building / "predictions.csv", index=False)
-    pd.DataFrame([{"split": k, **c} for k, r in enumerate(results) for c in r.curves]).to_csv(
-        building / "curves.csv", index=False
-    )
-    (building / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    building.replace(out_dir)
+    with built_beside(out_dir) as building:
+        for k, result in enumerate(results):
+            torch.save(result.state, building / f"split{k}.pt")
+        pd.concat([r.predictions for r in results]).to_csv(building / "predictions.csv", index=False)
+        pd.DataFrame([{"split": k, **c} for k, r in enumerate(results) for c in r.curves]).to_csv(
+            building / "curves.csv", index=False
+        )
+        (building / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Run the demo DAG through DVC in a throwaway git repo: the helpers the DVC-level tests share."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +63,15 @@ def snapshot_repo(dest: Path) -> Path:
     run_in([*GIT, "add", "-A"], dest)
     run_in([*GIT, "commit", "-qm", "snapshot"], dest)
     run_in(["dvc", "config", "--local", "core.check_update", "false"], dest)
+    return dest
+
+
+def copy_project(dest: Path, params: dict) -> Path:
+    """The project's code (pipeline/, stages/) and ``params`` as params.yaml in ``dest``, to run stages
+    by hand there (``python -m stages.<name>``, cwd ``dest``) as DVC would."""
+    for package in ("pipeline", "stages"):
+        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from dvc_repo import copy_project
 from PIL import Image
 
 from pipeline.data import ManifestError, check_images, load_labels, load_rgb
@@ -180,13 +181,10 @@ def test_newlines_and_non_ascii_prompts_survive_the_manifest_round_trip(tmp_path
 def project(tmp_path_factory) -> Path:
     """The project's code and params with a 'mine' dataset (csv kind) in data/raw/mine."""
     tmp = tmp_path_factory.mktemp("project")
-    for package in ("pipeline", "stages"):
-        shutil.copytree(ROOT / package, tmp / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["datasets"] = ["mine"]
     params["data"]["mine"] = {"kind": "csv", "labels": "labels.csv", "options": CSV, "on_bad_image": "error"}
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return tmp
+    return copy_project(tmp, params)
 
 
 def _prepare(project: Path) -> subprocess.CompletedProcess:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from dvc_repo import copy_project
 
 from pipeline.params import ParamsError, validate
 
@@ -106,9 +106,7 @@ def test_the_committed_params_and_the_paper_settings_pass():
 
 
 def test_a_stage_with_bad_params_stops_before_any_work(tmp_path):
-    for package in ("pipeline", "stages"):
-        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_edit("fusion.experts", 0)))
+    copy_project(tmp_path, _edit("fusion.experts", 0))
     cmd = [sys.executable, "-m", "stages.generate_demo", "data/raw/demo"]
     proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ}, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

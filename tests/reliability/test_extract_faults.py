@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dvc_repo import copy_project
 
 from pipeline.store import FeatureStore
 
@@ -44,13 +45,11 @@ def _set_runtime(project: Path, **values) -> None:
 def prepared(tmp_path_factory) -> Path:
     """The project's code and params (a 12-image demo, chunks of 2 rows), prepared and ready to extract."""
     tmp = tmp_path_factory.mktemp("prepared")
-    for package in ("pipeline", "stages"):
-        shutil.copytree(ROOT / package, tmp / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["demo"]["generate"].update(n_prompts=4, images_per_prompt=3)
     params["runtime"].update(chunk_rows=2, device="cpu")
     params["extract"]["batch_size"] = 2
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_project(tmp, params)
     _stage(tmp, "stages.generate_demo", "data/raw/demo")
     _stage(tmp, "stages.prepare", "demo", "data/demo")
     _stage(tmp, "stages.pretrain_i2p", "models/i2p")

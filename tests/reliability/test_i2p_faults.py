@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from dvc_repo import copy_project
 
 from pipeline.data import generate_demo
 from pipeline.encoders.clip import build_clip_model
@@ -47,15 +48,12 @@ runpy.run_module("stages.pretrain_i2p", run_name="__main__", alter_sys=True)
 def template(tmp_path_factory) -> Path:
     """The project's code and params with Image2Prompt on, on 12 small demo pairs for 3 epochs."""
     tmp = tmp_path_factory.mktemp("i2p_project")
-    for package in ("pipeline", "stages"):
-        shutil.copytree(ROOT / package, tmp / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["i2p"].update(enabled=True, pairs="demo")
     params["i2p"]["recipe"].update(epochs=EPOCHS, batch_size=4)
     params["i2p"]["demo"].update(n_prompts=4, images_per_prompt=3, size=32)
     params["runtime"].update(device="cpu", num_workers=0)
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return tmp
+    return copy_project(tmp, params)
 
 
 @pytest.fixture
