@@ -20,14 +20,17 @@ Every output (quality, and alignment where it is labelled) is treated the same w
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from pipeline import metrics
+from pipeline.runs import read_record
 
 CI_METRICS = ("srcc", "plcc", "plcc_raw", "rmse")
 GROUP_COLUMNS = ("generator", "variant")
@@ -243,3 +246,43 @@ def evaluate_predictions(
     groups_frame = pd.concat(tables, ignore_index=True)
     groups_frame = groups_frame[["output"] + [c for c in groups_frame if c != "output"]]
     return Evaluation(per_split_frame, summary, groups_frame)
+
+
+def bootstrap_config(cfg: dict) -> Bootstrap:
+    return Bootstrap(resamples=cfg["bootstrap"], confidence=cfg["confidence"], seed=cfg["seed"])
+
+
+def evaluate_run(
+    run_dir: Path, manifest: pd.DataFrame, boot: Bootstrap
+) -> tuple[dict, Evaluation, pd.DataFrame]:
+    """A run folder (run.json + predictions.csv) -> its summary (with protocol and selection), tables
+    and the predictions themselves (read once, for the plot files)."""
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"{run_dir}/run.json missing: run `dvc repro` for the stage that writes it")
+    meta = read_record(run_dir)
+    pred = pd.read_csv(run_dir / "predictions.csv", dtype={"image_id": str})
+    result = evaluate_predictions(
+        pred, manifest, meta["head"]["outputs"], boot, source=str(run_dir / "predictions.csv")
+    )
+    summary = {
+        **result.summary,
+        "n_splits": int(result.per_split["split"].nunique()),
+        "select": meta["select"],
+        "protocol": meta["protocol"],
+        "protocol_params": meta["protocol_params"],
+        "protocol_hash": meta["protocol_hash"],
+        "best_epochs": meta["best_epochs"],
+    }
+    return summary, result, pred
+
+
+def write_tables(
+    out_dir: Path, summary: dict, per_split: list[pd.DataFrame], groups: list[pd.DataFrame]
+) -> None:
+    """metrics.json, per_split.csv and groups.csv of several runs (each table's rows carry ``run``)."""
+    for rows, file in ((per_split, "per_split.csv"), (groups, "groups.csv")):
+        table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run"])
+        table[["run"] + [c for c in table if c != "run"]].to_csv(
+            out_dir / file, index=False, float_format="%.6g"
+        )
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")

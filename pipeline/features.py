@@ -67,6 +67,25 @@ class Features:
                 name: torch.from_numpy(stores[name].read_all("views")) for name in self.views
             }
 
+    @classmethod
+    def in_memory(
+        cls, arrays: dict[str, np.ndarray], extras: dict[str, np.ndarray] | None = None
+    ) -> Features:
+        """Features computed live (``agiqa score``), held in RAM like resident stores, without views."""
+        sizes = {len(a) for a in arrays.values()}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"feature arrays of different lengths: { {k: len(a) for k, a in arrays.items()} }"
+            )
+        self = cls.__new__(cls)
+        self.stores, self.views, self.resident_views = {}, [], {}
+        self.extras = {k: torch.tensor(v) for k, v in (extras or {}).items()}
+        self.resident = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+        self.n_rows = sizes.pop()
+        self.row_bytes = sum(a[0].nbytes for a in arrays.values()) if self.n_rows else 0
+        self.block_rows = self.n_rows
+        return self
+
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(s.shape("features")[1:]) for name, s in self.stores.items()}

@@ -87,10 +87,15 @@ class RunConfig:
 
 @dataclass
 class SplitResult:
+    """One split's selected head. ``offset`` and ``scale`` (per output, from the train part's MOS) map
+    its outputs to MOS units: ``output * scale + offset``; a run keeps them to score new images."""
+
     best_epoch: int
     state: dict[str, torch.Tensor]
     predictions: pd.DataFrame
     curves: list[dict[str, float]] = field(default_factory=list)
+    offset: np.ndarray | None = None
+    scale: np.ndarray | None = None
 
 
 def output_names(manifest: pd.DataFrame, outputs: str | list[str] = "auto") -> list[str]:
@@ -268,7 +273,7 @@ def train_split(
             best_score = score
             best = SplitResult(epoch, copy.deepcopy(head.state_dict()), _frame(preds, parts, targets))
     assert best is not None
-    best.curves = curves
+    best.curves, best.offset, best.scale = curves, mean, std
     return best
 
 

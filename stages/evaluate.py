@@ -10,14 +10,13 @@ one line per split and their mean) and ``generators/<run>.csv`` (SRCC and PLCC p
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import typer
 
-from pipeline.evaluation import Bootstrap, Evaluation, evaluate_predictions
+from pipeline.evaluation import bootstrap_config, evaluate_run, write_tables
 from stages import read_manifest, read_params
 
 PARAMS = ("probe.encoders", "ma_agiqa.variants", "ma_agiqa.ablations", "ipiqa.variants", "evaluate")
@@ -34,34 +33,6 @@ def run_names(p: dict) -> list[str]:
     )
 
 
-def bootstrap_config(cfg: dict) -> Bootstrap:
-    return Bootstrap(resamples=cfg["bootstrap"], confidence=cfg["confidence"], seed=cfg["seed"])
-
-
-def evaluate_run(
-    run_dir: Path, manifest: pd.DataFrame, boot: Bootstrap
-) -> tuple[dict, Evaluation, pd.DataFrame]:
-    """A run folder (run.json + predictions.csv) -> its summary (with protocol and selection), tables
-    and the predictions themselves (read once, for the plot files)."""
-    if not (run_dir / "run.json").exists():
-        raise FileNotFoundError(f"{run_dir}/run.json missing: run `dvc repro` for the stage that writes it")
-    meta = json.loads((run_dir / "run.json").read_text())
-    pred = pd.read_csv(run_dir / "predictions.csv", dtype={"image_id": str})
-    result = evaluate_predictions(
-        pred, manifest, meta["outputs"], boot, source=str(run_dir / "predictions.csv")
-    )
-    summary = {
-        **result.summary,
-        "n_splits": int(result.per_split["split"].nunique()),
-        "select": meta["select"],
-        "protocol": meta["protocol"],
-        "protocol_params": meta["protocol_params"],
-        "protocol_hash": meta["protocol_hash"],
-        "best_epochs": meta["best_epochs"],
-    }
-    return summary, result, pred
-
-
 def curves_long(curves: pd.DataFrame, select: str) -> pd.DataFrame:
     """Per-epoch selection score (SRCC + PLCC summed over outputs), one row per epoch and split, plus
     their mean: the layout the ``split_curves`` plot template colours by split."""
@@ -76,18 +47,6 @@ def generator_bars(groups: pd.DataFrame) -> pd.DataFrame:
     rows = groups[groups["by"] == "generator"]
     label = rows["group"] + " (" + rows["output"] + ")"
     return rows.assign(label=label)[["label", "output", "group", "n_images", "srcc", "plcc"]]
-
-
-def write_tables(
-    out_dir: Path, summary: dict, per_split: list[pd.DataFrame], groups: list[pd.DataFrame]
-) -> None:
-    """metrics.json, per_split.csv and groups.csv of several runs (each table's rows carry ``run``)."""
-    for rows, file in ((per_split, "per_split.csv"), (groups, "groups.csv")):
-        table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run"])
-        table[["run"] + [c for c in table if c != "run"]].to_csv(
-            out_dir / file, index=False, float_format="%.6g"
-        )
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def main(dataset: str, manifest_path: Path, runs_dir: Path, out_dir: Path) -> None:

@@ -76,6 +76,7 @@ def main(
         "dataset": dataset,
         "manifest_hash": manifest_hash(manifest),
         "batch_size": p["extract.batch_size"],
+        "config": {"cfg": p["extract.{encoder}"], "dtype": p["extract.dtype"]},  # how to rebuild it: score
         "code": code_identity(device),
     }
     ids = manifest["image_id"].tolist()

@@ -1,8 +1,9 @@
 """Stage `train_<family>@<dataset>-<variant>`: cached features + splits -> runs/<dataset>/<run>/.
 
-Writes per split the selected epoch's weights (``split<k>.pt``), all predictions
+Writes per split the selected epoch's weights (``split<k>.safetensors``), all predictions
 (``predictions.csv``: split, part, image_id, target_*/pred_* per output), per-epoch curves
-(``curves.csv``) and ``run.json`` (what was trained, on which protocol, how the epoch was chosen).
+(``curves.csv``) and ``run.json``, the record that lets ``pipeline.runs.TrainedRun`` rebuild and
+apply every head (head, config, inputs, target scale per split, encoders, protocol, selection).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import typer
 from pipeline.data import manifest_hash
 from pipeline.features import Features
 from pipeline.heads import create_head
+from pipeline.runs import FORMAT, save_weights, split_entry
 from pipeline.splits import read_splits
 from pipeline.store import FeatureStore
 from pipeline.train import Recipe, RunConfig, output_names, train_protocol
@@ -199,35 +201,56 @@ def main(
     results = train_protocol(
         build, features, manifest, splits["splits"], outputs, Recipe(**recipe), run, label=label
     )
-    meta = {
+    clip_model = None
+    if family == "ipiqa":
+        clip_model = {
+            "cfg": p["extract"]["clip"],
+            "profile": p["profile"],
+            "image_tower": str(tower) if tower is not None else None,
+            "image_tower_sha256": stores["clip"].provenance.get("i2p"),
+        }
+    reads_prompts = getattr(build(), "prompt_text", None) is not None
+    record = {
+        "format": FORMAT,
         "dataset": dataset,
+        "run": out_dir.name,
         "family": family,
-        "head": name,
         "variant": variant,
-        "outputs": outputs,
+        "head": {
+            "name": name,
+            "config": {k: v for k, v in kwargs.items() if k not in ("clip_model", "prompts")},
+            "input_shapes": {k: list(v) for k, v in shapes.items()},
+            "outputs": outputs,
+            "prompts": prompts if reads_prompts else None,
+            "clip_model": clip_model,
+        },
+        "target_norm": run.target_norm,
         "select": run.select,
         "protocol": splits["protocol"],
         "protocol_params": splits["params"],
         "protocol_hash": splits["hash"],
         "recipe": recipe,
         "best_epochs": [r.best_epoch for r in results],
+        "params": p,
         "stores": {i: stores[i].provenance for i in inputs},
     }
-    write_run(out_dir, results, meta)
-    typer.echo(f"{label}: {len(results)} splits, best epochs {meta['best_epochs']}")
+    write_run(out_dir, results, record)
+    typer.echo(f"{label}: {len(results)} splits, best epochs {record['best_epochs']}")
 
 
-def write_run(out_dir: Path, results: list, meta: dict) -> None:
+def write_run(out_dir: Path, results: list, record: dict) -> None:
     """The run folder, written beside it and renamed when complete: a killed run leaves no folder that
     could be read as finished (``run.json``, written last, is what evaluate requires)."""
     with built_beside(out_dir) as building:
-        for k, result in enumerate(results):
-            torch.save(result.state, building / f"split{k}.pt")
+        splits = [
+            split_entry(save_weights(building, k, r.state), r.offset, r.scale) for k, r in enumerate(results)
+        ]
         pd.concat([r.predictions for r in results]).to_csv(building / "predictions.csv", index=False)
         pd.DataFrame([{"split": k, **c} for k, r in enumerate(results) for c in r.curves]).to_csv(
             building / "curves.csv", index=False
         )
-        (building / "run.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        record = {**record, "splits": splits}
+        (building / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

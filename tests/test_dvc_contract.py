@@ -49,8 +49,9 @@ def test_every_train_family_has_a_stage():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "stages").glob("*.py")), ids=lambda p: p.name)
 def test_stages_read_params_only_through_read_params(path):
-    """Only stages/__init__.py may touch params.yaml directly; the rest go through PARAMS."""
-    if path.name == "__init__.py":
+    """Only stages/__init__.py may touch params.yaml directly; the rest go through PARAMS. The tools that
+    are no DVC stage are exempt: doctor reads a whole params file on purpose, score and export none."""
+    if path.name in ("__init__.py", "cli.py", "doctor.py", "score.py", "export.py"):
         return
     tree = ast.parse(path.read_text())
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
@@ -109,7 +110,7 @@ def test_only_the_full_ma_agiqa_stage_reads_experts_and_streams():
         for name, stage in DVC.items()
         if {"fusion", "fusion.experts", "fusion.streams"} & _declared(stage)
     }
-    assert readers == {"train_ma_agiqa", "cross"}
+    assert readers == {"train_ma_agiqa"}  # cross applies the trained heads: it reads no fusion params
 
 
 def test_ablation_family_refuses_heads_that_read_experts(params):

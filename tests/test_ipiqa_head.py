@@ -270,3 +270,22 @@ def test_bad_configuration_and_batches_are_named(tiny_clip, rn50):
         head(tiny_batch([0, 4]))
     with pytest.raises(KeyError, match="prompt_index"):
         head({"clip": tiny_batch([0])["clip"]})
+
+
+@pytest.mark.parametrize("qa_token", ["unfrozen_wte", "appended", "none"])
+def test_retargeted_prompts_keep_the_trained_text_side(tiny_clip, qa_token):
+    head = tiny_head(tiny_clip, qa_token=qa_token).eval()
+    with torch.no_grad():  # stand-ins for training: every trainable text weight moves
+        for p in head.prompt_text.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    before = head.prompt_text(torch.arange(len(PROMPTS)))
+    new = ["an entirely novel zebra xylophone", *reversed(PROMPTS)]
+    head.with_prompts(tiny_clip, new)
+    after = head.prompt_text(torch.arange(1, len(new)))
+    torch.testing.assert_close(after, before.flip(0), rtol=1e-5, atol=1e-5)
+    unseen = set(head.prompt_text.vocab_ids.tolist()) - set(open_clip.tokenize(PROMPTS).unique().tolist())
+    assert unseen, "the new prompt must bring tokens no training prompt had"
+    published = tiny_clip.token_embedding.weight
+    for i, token in enumerate(head.prompt_text.vocab_ids.tolist()):
+        if token in unseen:  # a token training never saw keeps its published row
+            torch.testing.assert_close(head.prompt_text.token_embedding[i], published[token])

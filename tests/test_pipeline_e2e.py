@@ -16,8 +16,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
-from dvc_repo import GIT, SHRINK, snapshot_repo, traced_env
+from dvc_repo import GIT, SHRINK, STAGE_ENV, snapshot_repo, traced_env
 from dvc_repo import run_in as _run
 
 pytestmark = pytest.mark.slow
@@ -46,6 +47,83 @@ def test_repro_writes_flat_metrics_for_every_run(repo):
     assert "These numbers say nothing about AGIQA" in (repo / "reports" / "summary.md").read_text()
     shown = _run(["dvc", "metrics", "show", "--md"], repo).stdout
     assert "demo.ma_agiqa.quality.srcc.mean" in shown
+
+
+RUNS = ("probe_vit", "probe_clip", "probe_semantic", "ma_agiqa", "maniqa", "semantic_only", "ipiqa")
+
+
+def _test_images(repo: Path, run: str, k: int) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Split k's test rows of a run's predictions.csv, with their image paths and prompts."""
+    pred = pd.read_csv(repo / "runs" / "demo" / run / "predictions.csv", dtype={"image_id": str})
+    test = pred[(pred["split"] == k) & (pred["part"] == "test")]
+    manifest = pd.read_csv(repo / "data" / "demo" / "manifest.csv", dtype=str).set_index("image_id")
+    rows = manifest.loc[test["image_id"]]
+    return test, [str(repo / "data" / "raw" / "demo" / p) for p in rows["path"]], rows["prompt"].tolist()
+
+
+def test_score_reproduces_the_predictions_evaluate_read_for_every_run(repo, monkeypatch):
+    """The live path (encoders rebuilt from the stores' provenance, then the head) and the cached path
+    (extract, train, predictions.csv) agree on split k's test images, for every head family."""
+    from pipeline.scoring import Scorer
+
+    monkeypatch.chdir(repo)  # the tiny semantic checkpoint is built under the project's .cache
+    for run in RUNS:
+        test, paths, prompts = _test_images(repo, run, k=1)
+        scores = Scorer.from_pretrained(f"runs/demo/{run}", split=1, device="cpu").score(paths, prompts)
+        for output in ("quality", "alignment"):
+            if f"pred_{output}" in test:
+                np.testing.assert_allclose(
+                    scores[output], test[f"pred_{output}"], rtol=1e-5, atol=1e-5, err_msg=f"{run} {output}"
+                )
+
+
+def test_score_a_folder_export_a_bundle_and_score_with_it(repo, tmp_path):
+    agiqa = [sys.executable, "-m", "stages.cli"]
+    out = tmp_path / "folder.csv"
+    _run([*agiqa, "score", "data/raw/demo", "--model", "runs/demo/ma_agiqa", "--out", str(out)], repo)
+    n_images = len(pd.read_csv(repo / "data" / "demo" / "manifest.csv"))
+    scores = pd.read_csv(out)
+    assert len(scores) == n_images and scores["quality"].notna().all()
+    assert json.loads(out.with_name("folder.csv.json").read_text())["split"] == "mean of all splits"
+
+    test, paths, prompts = _test_images(repo, "ipiqa", k=0)
+    listing = tmp_path / "images.csv"
+    pd.DataFrame({"path": paths, "prompt": prompts}).to_csv(listing, index=False)
+    bundle = tmp_path / "bundle"
+    _run([*agiqa, "export", "runs/demo/ipiqa", "--out", str(bundle)], repo)
+    card = (bundle / "README.md").read_text()
+    assert "model-index:" in card and "quality SRCC (mean over 3 splits)" in card
+    assert not list(bundle.glob("*.pt")) and not list(bundle.glob("*.pkl"))
+    by_run, by_bundle = tmp_path / "run.csv", tmp_path / "bundle.csv"
+    for model, dest in (("runs/demo/ipiqa", by_run), (str(bundle), by_bundle)):
+        _run([*agiqa, "score", str(listing), "--model", model, "--split", "0", "--out", str(dest)], repo)
+    pd.testing.assert_frame_equal(pd.read_csv(by_run), pd.read_csv(by_bundle))
+    np.testing.assert_allclose(pd.read_csv(by_run)["alignment"], test["pred_alignment"], rtol=1e-5, atol=1e-5)
+
+    no_prompt = subprocess.run(
+        [*agiqa, "score", "data/raw/demo", "--model", str(bundle)],
+        cwd=repo,
+        env=STAGE_ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert no_prompt.returncode != 0 and "'prompt' column, or --prompt TEXT" in no_prompt.stderr
+
+    config = json.loads((bundle / "config.json").read_text())
+    config["stores"]["clip"]["weights_sha256"] = "0" * 64
+    (bundle / "config.json").write_text(json.dumps(config))
+    tampered = subprocess.run(
+        [*agiqa, "score", str(listing), "--model", str(bundle)],
+        cwd=repo,
+        env=STAGE_ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert tampered.returncode != 0
+    assert (
+        "the clip encoder rebuilt here is not the one the run was trained on (weights_sha256"
+        in tampered.stderr
+    )
 
 
 def test_stage2_experiment_reruns_no_extraction(repo):

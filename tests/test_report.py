@@ -9,9 +9,8 @@ import pytest
 import yaml
 
 from pipeline.anchors import ANCHORS, load_anchors
-from pipeline.evaluation import Bootstrap, evaluate_predictions
+from pipeline.evaluation import Bootstrap, evaluate_predictions, write_tables
 from stages import report
-from stages.evaluate import write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -143,6 +143,7 @@ class PromptText(nn.Module):
         self.register_buffer("pool_at", ids.argmax(-1) + appended)  # end-of-text, or the [QA] slot after it
         used, compact = torch.unique(F.pad(ids, (0, appended)), return_inverse=True)
         self.register_buffer("token_ids", compact)
+        self.register_buffer("vocab_ids", used, persistent=False)  # the kept rows' ids in the full table
 
         wte = clip_model.token_embedding.weight.detach()
         text_weights = {
@@ -166,6 +167,27 @@ class PromptText(nn.Module):
                 self.register_buffer("features", torch.cat([self._encode(r, tower) for r in rows]))
         else:
             object.__setattr__(self, "tower", tower)
+
+    def retarget(self, clip_model: nn.Module, prompts: list[str]) -> PromptText:
+        """This trained text side over other prompts (new images' prompts, another dataset's).
+
+        Trained weights carry over: the token rows the training prompts used, the position table and
+        projection (``unfrozen_wte``), the [QA] token (``appended``). A token no training prompt used
+        keeps its published row from ``clip_model``, as it would have in a full table during
+        training, where rows that no batch indexes get no gradient.
+        """
+        new = PromptText(clip_model, prompts, self.qa_token)
+        trained = {int(t): row for t, row in zip(self.vocab_ids, self.token_embedding.detach(), strict=True)}
+        with torch.no_grad():
+            if self.qa_token == "unfrozen_wte":
+                for i, token in enumerate(new.vocab_ids.tolist()):
+                    if token in trained:
+                        new.token_embedding[i] = trained[token]
+                new.positional_embedding.copy_(self.positional_embedding)
+                new.text_projection.copy_(self.text_projection)
+            if self.qa_token == "appended":
+                new.qa_embedding.copy_(self.qa_embedding)
+        return new.to(self.pool_at.device)
 
     def _apply(self, fn, recurse=True):
         if "tower" in self.__dict__:
@@ -240,6 +262,11 @@ class IPIQA(nn.Module):
         if "prompt_index" not in batch:
             raise KeyError("ipiqa: the batch has no 'prompt_index' (the dual stream needs each row's prompt)")
         return self.predict(feature_map, self.prompt_text(batch["prompt_index"]))
+
+    def with_prompts(self, clip_model: nn.Module, prompts: list[str]) -> None:
+        """Make ``prompt_index`` index ``prompts`` (scoring new images), keeping the trained text side."""
+        if self.prompt_text is not None:
+            self.prompt_text = self.prompt_text.retarget(clip_model, prompts)
 
     def param_groups(self, base_lr: float) -> list[dict]:
         """Optimizer groups as the original: the MLP at ``base_lr * head_scale``, the rest at ``base_lr``.

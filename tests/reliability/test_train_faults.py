@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import safetensors.torch
 import torch
 
 import pipeline.train as train_module
@@ -181,27 +182,28 @@ def _results(k: int) -> list[SplitResult]:
     frame = pd.DataFrame(
         {"split": 0, "part": "test", "image_id": ["a"], "target_quality": [1.0], "pred_quality": [1.0]}
     )
-    return [SplitResult(0, {"w": torch.ones(2)}, frame, [{"epoch": 0}]) for _ in range(k)]
+    one = np.ones(1, np.float32)
+    return [SplitResult(0, {"w": torch.ones(2)}, frame, [{"epoch": 0}], 0 * one, one) for _ in range(k)]
 
 
 def test_a_crash_while_writing_a_run_leaves_the_previous_run_and_no_complete_looking_folder(
     tmp_path, monkeypatch
 ):
-    from stages.evaluate import evaluate_run
+    from pipeline.evaluation import evaluate_run
     from stages.train import write_run
 
     out = tmp_path / "runs" / "demo" / "probe_vit"
     write_run(out, _results(2), {"outputs": ["quality"], "run": "previous"})
     previous = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_save, calls = torch.save, {"n": 0}
+    real_save, calls = safetensors.torch.save_file, {"n": 0}
 
-    def disk_full(obj, path):
+    def disk_full(tensors, path):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, path)
+        real_save(tensors, path)
 
-    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         write_run(out, _results(3), {"outputs": ["quality"], "run": "new"})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
@@ -213,19 +215,21 @@ def test_a_crash_while_writing_a_run_leaves_the_previous_run_and_no_complete_loo
 
 def test_sigkill_while_writing_a_run_leaves_no_run_folder(tmp_path):
     script = (
-        "import os, signal, sys, torch, pandas as pd\n"
+        "import os, signal, sys, numpy as np, pandas as pd, safetensors.torch as st, torch\n"
         "from pipeline.train import SplitResult\n"
         "from stages.train import write_run\n"
-        "real = torch.save\n"
-        "def save(obj, path):\n"
-        "    if path.name == 'split1.pt': os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    real(obj, path)\n"
-        "torch.save = save\n"
+        "real = st.save_file\n"
+        "def save(tensors, path):\n"
+        "    if path.endswith('split1.safetensors'): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(tensors, path)\n"
+        "st.save_file = save\n"
         "frame = pd.DataFrame({'split': [0], 'part': ['test'], 'image_id': ['a']})\n"
-        "write_run(__import__('pathlib').Path(sys.argv[1]), [SplitResult(0, {}, frame)] * 3, {})\n"
+        "one = np.ones(1, np.float32)\n"
+        "result = SplitResult(0, {'w': torch.ones(1)}, frame, [], one, one)\n"
+        "write_run(__import__('pathlib').Path(sys.argv[1]), [result] * 3, {})\n"
     )
     out = tmp_path / "runs" / "demo" / "ma_agiqa"
     proc = subprocess.run([sys.executable, "-c", script, str(out)], cwd=ROOT)
     assert proc.returncode == -9
     assert not out.exists()
-    assert sorted(p.name for p in out.with_name("ma_agiqa.partial").iterdir()) == ["split0.pt"]
+    assert sorted(p.name for p in out.with_name("ma_agiqa.partial").iterdir()) == ["split0.safetensors"]
