@@ -227,9 +227,20 @@ def check_disk(root: Path, needed: int) -> Check:
     free = shutil.disk_usage(where).free
     detail = f"{_size(free)} free at {where}; stores {_size(needed)}, x2 with the DVC cache copy"
     if free < needed:
-        return Check("disk", MISSING, detail, f"free {_size(needed * 2 - free)} at {where}")
+        return Check(
+            "disk",
+            MISSING,
+            detail,
+            f"make {_size(needed * 2 - free)} more room at {where} (or put features/ and .dvc/cache on "
+            "a larger disk)",
+        )
     if free < 2 * needed:
-        return Check("disk", WARN, detail, f"free {_size(needed * 2 - free)} at {where}")
+        return Check(
+            "disk",
+            WARN,
+            detail,
+            f"make {_size(needed * 2 - free)} more room at {where} for the DVC cache copy",
+        )
     return Check("disk", OK, detail)
 
 

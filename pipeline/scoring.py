@@ -154,7 +154,13 @@ class Scorer:
             )
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(str(path_or_id), revision=revision)
+        try:
+            folder = snapshot_download(str(path_or_id), revision=revision)
+        except Exception as err:  # offline without a cached copy, unknown repo, no access: all say the same
+            raise FileNotFoundError(
+                f"{path_or_id}: not a local run or bundle folder, and the Hugging Face Hub could not provide "
+                f"it at revision {revision or 'main'} ({type(err).__name__}: {err})"
+            ) from err
         source = f"{path_or_id}@{revision}" if revision else str(path_or_id)
         return cls(TrainedRun.load(folder), source=source, **kwargs)
 

@@ -126,6 +126,24 @@ def test_score_a_folder_export_a_bundle_and_score_with_it(repo, tmp_path):
     )
 
 
+def test_score_lists_bad_images_or_stops_on_them(repo, tmp_path):
+    images = sorted((repo / "data" / "raw" / "demo" / "images").glob("*.png"))[:3]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "zz_truncated.png").write_bytes(images[0].read_bytes()[:200])
+    agiqa = [sys.executable, "-m", "stages.cli", "score", str(folder), "--model", "runs/demo/maniqa"]
+    stopped = subprocess.run(agiqa, cwd=repo, env=STAGE_ENV, capture_output=True, text=True)
+    assert stopped.returncode == 2 and "zz_truncated.png: not a readable image" in stopped.stderr
+    out = tmp_path / "scores.csv"
+    skipped = _run([*agiqa, "--on-bad-image", "skip", "--out", str(out)], repo)
+    assert "skipped 1 bad image(s)" in skipped.stderr and "zz_truncated.png" in skipped.stderr
+    scores = pd.read_csv(out, keep_default_na=False)
+    assert len(scores) == 4 and (scores["skipped"] != "").tolist() == [False, False, False, True]
+    assert scores["quality"].iloc[3] == ""  # no score for it, and no row silently dropped
+
+
 def test_stage2_experiment_reruns_no_extraction(repo):
     out = _run(["dvc", "exp", "run", "-S", "probe.model.hidden=32"], repo).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))

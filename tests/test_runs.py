@@ -116,3 +116,27 @@ def test_a_prompt_reading_head_without_prompts_names_the_column_and_the_flag(tmp
         scorer.score(["x.png"])
     with pytest.raises(ValueError, match="2 prompts for 1 images"):
         scorer.score(["x.png"], prompts=["a", "b"])
+
+
+def test_a_hub_repo_id_loads_from_the_hub_cache_offline(run_dir, tmp_path, monkeypatch):
+    """Scorer.from_pretrained(repo_id, revision) goes through huggingface_hub's cache (its layout
+    built by hand: snapshots/<commit>/ and refs/main), with HF_HUB_OFFLINE set: no network."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    commit = "a" * 40
+    snapshot = cache / "models--lab--agiqa-probe" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in run_dir.iterdir():
+        target = "config.json" if file.name == "run.json" else file.name
+        (snapshot / target).write_bytes(file.read_bytes())
+    (cache / "models--lab--agiqa-probe" / "refs").mkdir()
+    (cache / "models--lab--agiqa-probe" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for revision in (None, commit):
+        scorer = Scorer.from_pretrained("lab/agiqa-probe", revision=revision, device="cpu")
+        assert scorer.run.root == snapshot and scorer.run.record["run"] == "probe_vit"
+    assert scorer.source == f"lab/agiqa-probe@{commit}"
+    with pytest.raises(FileNotFoundError, match="lab/other: not a local run or bundle folder"):
+        Scorer.from_pretrained("lab/other", device="cpu")
