@@ -34,7 +34,7 @@ CONTROL_SEEDS = (0, 1, 2)
 
 def split_srcc(run_dir: Path) -> dict[str, np.ndarray]:
     """Test SRCC per split, for each output in the run's predictions."""
-    outputs = json.loads((run_dir / "run.json").read_text())["outputs"]
+    outputs = json.loads((run_dir / "run.json").read_text())["head"]["outputs"]
     test = pd.read_csv(run_dir / "predictions.csv").query("part == 'test'")
     per_split = test.groupby("split")
     return {
