@@ -34,7 +34,7 @@ COLUMNS = (
 )
 CHOICES = {
     "output": ("quality", "alignment"),
-    "select": ("val", "test_oracle", "unknown"),
+    "select": ("val", "test_oracle", "none", "unknown"),  # none: zero-shot, no epoch to select
     "plcc_fit": ("logistic", "raw", "unknown"),
     "verified": ("yes", "no"),
 }

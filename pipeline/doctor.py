@@ -67,12 +67,32 @@ def resolved_dtype(params: dict[str, Any], profile: str) -> str:
     return AUTO_DTYPE[profile] if name == "auto" else name
 
 
-def required_gpu_gib(encoders: list[str], dtype: str) -> float:
+def required_gpu_gib(encoders: list[str], dtype: str, vlm_params: float = SEMANTIC_PARAMS) -> float:
     """GPU memory (GiB) that stage 1 of the paper profile needs: the largest encoder's weights in the
-    compute dtype plus activations. bfloat16: 8.07e9 x 2 B = 15.0 GiB + 2.5 = 17.5 GiB."""
-    if "semantic" in encoders:
-        return SEMANTIC_PARAMS * DTYPE_BYTES[dtype] / GIB + ACTIVATION_HEADROOM_GIB
+    compute dtype plus activations. bfloat16: 8.07e9 x 2 B = 15.0 GiB + 2.5 = 17.5 GiB. ``vlm_params``:
+    the transformers VLM's parameter count (``vlm_parameters``)."""
+    large = [n for e, n in (("semantic", SEMANTIC_PARAMS), ("vlm", vlm_params)) if e in encoders]
+    if large:
+        return max(large) * DTYPE_BYTES[dtype] / GIB + ACTIVATION_HEADROOM_GIB
     return SMALL_ENCODER_GIB
+
+
+def _cached_json(extract: dict[str, Any], filename: str) -> dict[str, Any] | None:
+    """A json file of the ``extract.vlm`` checkpoint from the hub cache (or its local folder), else None."""
+    import json
+
+    cfg = extract["vlm"]
+    local = Path(cfg["checkpoint"]).expanduser() / filename
+    found = local if local.is_file() else cached_file(cfg["checkpoint"], cfg["revision"], (filename,))
+    return json.loads(found.read_text()) if found is not None else None
+
+
+def vlm_parameters(extract: dict[str, Any]) -> float:
+    """The VLM's parameter count from its cached safetensors index (bytes / 2: hub VLMs ship bf16 or
+    fp16 shards); a 7B-class count when the index is not cached."""
+    index = _cached_json(extract, "model.safetensors.index.json")
+    total = (index or {}).get("metadata", {}).get("total_size")
+    return total / 2 if total else SEMANTIC_PARAMS
 
 
 def check_torch() -> Check:
@@ -89,7 +109,8 @@ def check_gpu(params: dict[str, Any], profile: str) -> Check:
     import torch
 
     dtype = resolved_dtype(params, profile)
-    need = required_gpu_gib(params["encoders"], dtype)
+    vlm = vlm_parameters(params["extract"]) if "vlm" in params["encoders"] else SEMANTIC_PARAMS
+    need = required_gpu_gib(params["encoders"], dtype, vlm)
     why = f"{need:.1f} GiB ({', '.join(params['encoders'])} in {dtype})"
     device = params["runtime"]["device"]
     if device == "cpu":
@@ -142,6 +163,15 @@ def store_bytes(encoder: str, extract: dict[str, Any]) -> int:
         return channels * (cfg["img_size"] // stride) ** 2 * FLOAT16_BYTES
     if encoder == "semantic":
         return len(extract["semantic"]["prompts"]) * SEMANTIC_HIDDEN * FLOAT16_BYTES
+    if encoder == "vlm":
+        config = _cached_json(extract, "config.json")
+        hidden = config and (config.get("text_config", {}).get("hidden_size") or config.get("hidden_size"))
+        if not hidden:
+            raise ValueError(
+                f"extract.vlm: the hidden size of {extract['vlm']['checkpoint']} is read from its "
+                "config.json, which is not cached"
+            )
+        return len(extract["vlm"]["prompts"]) * hidden * FLOAT16_BYTES
     raise ValueError(f"encoder {encoder!r}: no store size known")
 
 
@@ -202,16 +232,23 @@ def check_dataset(name: str, params: dict[str, Any], root: Path) -> tuple[Check,
 
 def check_stores(name: str, params: dict[str, Any], counted: Counted) -> tuple[Check, int]:
     """Size of the stores ``features/<name>/<encoder>.h5`` that stage 1 writes, per encoder."""
-    parts, total = [], 0
+    parts, total, unknown = [], 0, []
     for encoder in params["encoders"]:
         try:
             size = counted.images * store_bytes(encoder, params["extract"])
             size += counted.prompts * prompt_bytes(encoder, params["extract"])
         except ValueError as err:
-            return Check(f"stores {name}", WARN, f"cannot estimate: {err}", "check the disk by hand"), 0
+            parts.append(f"{encoder} ?")
+            unknown.append(str(err))
+            continue
         parts.append(f"{encoder} {_size(size)}")
         total += size
     detail = f"{' + '.join(parts)} = {_size(total)} for {counted.images} images ({counted.source})"
+    if unknown:
+        detail += f"; not counted: {'; '.join(unknown)}"
+        return Check(
+            f"stores {name}", WARN, detail, "check the disk by hand for the encoders not counted"
+        ), total
     return Check(f"stores {name}", OK, detail), total
 
 
@@ -267,12 +304,13 @@ def cached_file(repo: str, revision: str, filenames: tuple[str, ...]) -> Path | 
     return None
 
 
-def check_semantic_weights(extract: dict[str, Any], root: Path) -> Check:
-    """mPLUG-Owl2 at ``extract.semantic.checkpoint`` / ``revision``: a local folder, or config.json,
-    tokenizer.model and every weight shard its index names in the hub cache."""
+def check_semantic_weights(extract: dict[str, Any], root: Path, encoder: str = "semantic") -> Check:
+    """mPLUG-Owl2 (``semantic``) or a transformers VLM (``vlm``) at ``extract.<encoder>.checkpoint`` /
+    ``revision``: a local folder, or config.json, the tokenizer (mPLUG-Owl2's tokenizer.model) and every
+    weight shard its index names in the hub cache."""
     import json
 
-    row, cfg = "weights semantic", extract["semantic"]
+    row, cfg = f"weights {encoder}", extract[encoder]
     source, revision = cfg["checkpoint"], cfg["revision"]
     local = Path(source).expanduser()
     local = local if local.is_absolute() else root / local
@@ -292,8 +330,9 @@ def check_semantic_weights(extract: dict[str, Any], root: Path) -> Check:
     )
     if weights is None or cached_file(source, revision, ("config.json",)) is None:
         return Check(row, MISSING, f"not cached: {where}", fix)
-    if cached_file(source, revision, ("tokenizer.model",)) is None:
-        return Check(row, MISSING, f"tokenizer.model not cached: {where}", fix)
+    tokenizer = ("tokenizer.model",) if encoder == "semantic" else ("tokenizer.json", "tokenizer.model")
+    if cached_file(source, revision, tokenizer) is None:
+        return Check(row, MISSING, f"{' or '.join(tokenizer)} not cached: {where}", fix)
     shards = (
         sorted(set(json.loads(weights.read_text())["weight_map"].values()))
         if weights.suffix == ".json"
@@ -305,8 +344,8 @@ def check_semantic_weights(extract: dict[str, Any], root: Path) -> Check:
     commit = _commit(weights)
     detail = f"cached: {source} commit {commit} ({len(shards) or 1} weight file(s))"
     if revision != commit:
-        detail += f"; extract.semantic.revision {revision!r} is a branch, not a commit"
-        return Check(row, WARN, detail, f"set extract.semantic.revision: {commit} in params.yaml")
+        detail += f"; extract.{encoder}.revision {revision!r} is a branch, not a commit"
+        return Check(row, WARN, detail, f"set extract.{encoder}.revision: {commit} in params.yaml")
     return Check(row, OK, detail)
 
 
@@ -375,6 +414,7 @@ def check_weights(params: dict[str, Any], profile: str, root: Path) -> list[Chec
         return [Check("weights", OK, "not needed by the demo (random encoders built from seeds)")]
     checks = {
         "semantic": lambda: check_semantic_weights(params["extract"], root),
+        "vlm": lambda: check_semantic_weights(params["extract"], root, "vlm"),
         "vit": lambda: check_library_weights("vit", params["extract"]),
         "clip": lambda: check_library_weights("clip", params["extract"]),
     }

@@ -22,6 +22,8 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from pipeline.encoders import PROMPT_FEATURES
+
 
 class ParamsError(ValueError):
     """params.yaml does not fit its schema; the message lists every problem."""
@@ -180,9 +182,22 @@ SCHEMA = Section(
                         "prompt_template": ANY_TEXT,
                         "pooling": One(("mean", "last", "mean_visual", "mean_text")),
                         "hidden_layer": Num(),
+                        "zeroshot": Many(One(("qalign", "vqascore")), min_len=0),
+                        "qalign_prompt": One(("newline", "space")),
                         "demo": MapOf(None),
                     },
-                    frozenset({"prompt_template"}),
+                    frozenset({"prompt_template", "zeroshot", "qalign_prompt"}),
+                ),
+                "vlm": Section(
+                    {
+                        "checkpoint": ANY_TEXT,
+                        "revision": ANY_TEXT,
+                        "prompts": Many(Text(r".*\S.*", "a non-blank prompt")),
+                        "pooling": One(("mean", "last", "mean_visual", "mean_text")),
+                        "hidden_layer": Num(),
+                        "max_side": INT1,
+                        "demo": MapOf(None),
+                    }
                 ),
             }
         ),
@@ -227,6 +242,7 @@ SCHEMA = Section(
             {
                 "variants": Many("head"),
                 "ablations": Many(One(("maniqa", "semantic_only")), min_len=0),
+                "semantic_encoder": One(PROMPT_FEATURES),
                 "outputs": OUTPUTS,
                 "maniqa": Section(
                     {
@@ -254,6 +270,7 @@ SCHEMA = Section(
                 "drop": DROPOUT,
             }
         ),
+        "zeroshot": Section({"runs": Many(NAME, min_len=0)}),
         "ipiqa": Section(
             {
                 "variants": Many("head"),
@@ -346,6 +363,15 @@ def _relations(cfg: dict) -> list[str]:
         for e in cfg["probe"]["encoders"]
         if e not in cfg["encoders"]
     ]
+    if (reads := cfg["ma_agiqa"]["semantic_encoder"]) not in cfg["encoders"]:
+        problems.append(f"ma_agiqa.semantic_encoder: {reads!r} is not in encoders {cfg['encoders']}")
+    if cfg["zeroshot"]["runs"] and not (
+        "semantic" in cfg["encoders"] and cfg["extract"]["semantic"].get("zeroshot")
+    ):
+        problems.append(
+            "zeroshot.runs: the zero-shot rows read extract.semantic.zeroshot, which is empty (or semantic "
+            "is not in encoders): list qalign and/or vqascore there, or set zeroshot.runs: []"
+        )
     fusion = cfg["fusion"]
     if fusion["experts"] < len(fusion["streams"]):
         problems.append(

@@ -97,6 +97,8 @@ class TrainedRun:
 
         root = Path(root)
         record = read_record(root)
+        if not record["splits"]:
+            raise RunError(f"{root} holds no trained heads (a {record.get('family')} run): nothing to apply")
         for k, split in enumerate(record["splits"]):
             path = root / split["weights"]
             if not path.is_file():

@@ -73,11 +73,14 @@ def rebuild_encoder(name: str, provenance: dict[str, Any], device: str, image_to
             "re-run `dvc repro` to extract and train again"
         )
     cfg = {**config["cfg"], **({"image_tower": image_tower} if image_tower is not None else {})}
-    encoder = create_encoder(name, cfg, provenance["profile"], device=device, dtype=config["dtype"])
+    if "views" in cfg:  # the extra views are training augmentation: scoring reads the identity view alone
+        cfg["views"] = ["identity"]
+    cfg.pop("zeroshot", None)  # zero-shot scores are stage-1 outputs no head reads
+    kind = provenance.get("encoder", name)  # the registered encoder: a head input names its role
+    encoder = create_encoder(kind, cfg, provenance["profile"], device=device, dtype=config["dtype"])
     built = encoder.provenance()
-    diffs = {
-        k: (provenance.get(k), v) for k, v in built.items() if k not in RUN_KEYS and provenance.get(k) != v
-    }
+    skip = (*RUN_KEYS, "views")
+    diffs = {k: (provenance.get(k), v) for k, v in built.items() if k not in skip and provenance.get(k) != v}
     versions = {k: d for k, d in diffs.items() if k.endswith("_version")}
     for key, (then, now) in versions.items():
         log.warning("%s encoder: %s %s here, %s when its features were extracted", name, key, now, then)

@@ -95,10 +95,10 @@ def cross_run(
     device: str,
 ) -> None:
     """Split k's head predicts the target's test part of split k; writes predictions.csv and run.json."""
-    stores = {
-        name: FeatureStore(features_dir / f"{name}.h5", expect={"manifest_hash": manifest_hash(manifest)})
-        for name in run.inputs
-    }
+    expect = {"manifest_hash": manifest_hash(manifest)}
+    # a head input names its role; the store is the encoder the run read for it (its provenance says which)
+    files = {name: run.record["stores"][name].get("encoder", name) for name in run.inputs}
+    stores = {name: FeatureStore(features_dir / f"{file}.h5", expect=expect) for name, file in files.items()}
     check_same_encoders(run, stores)
     prompts = sorted(set(manifest["prompt"])) if run.needs_prompts else None
     extras = {}

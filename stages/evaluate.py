@@ -19,7 +19,14 @@ import typer
 from pipeline.evaluation import bootstrap_config, evaluate_run, write_tables
 from stages import read_manifest, read_params
 
-PARAMS = ("probe.encoders", "ma_agiqa.variants", "ma_agiqa.ablations", "ipiqa.variants", "evaluate")
+PARAMS = (
+    "probe.encoders",
+    "ma_agiqa.variants",
+    "ma_agiqa.ablations",
+    "ipiqa.variants",
+    "zeroshot.runs",
+    "evaluate",
+)
 PLOTS = ("scatter", "curves", "generators")
 
 
@@ -30,6 +37,7 @@ def run_names(p: dict) -> list[str]:
         + list(p["ma_agiqa.variants"])
         + list(p["ma_agiqa.ablations"])
         + list(p["ipiqa.variants"])
+        + list(p["zeroshot.runs"])
     )
 
 

@@ -103,9 +103,12 @@ def main(
         chunks = iter(pending)
         start, stop = next(chunks, (0, 0))
         buffer: list[dict[str, np.ndarray]] = []
+        texts = manifest["prompt"].to_numpy()
         with tqdm(total=todo, desc=f"extract {dataset}/{encoder}", unit="img") as bar:
-            for pixels in loader:
-                buffer.append(enc.encode(pixels))
+            for rows, pixels in zip(loader.batch_sampler, loader, strict=True):
+                # an encoder that reads each image's generation prompt (VQAScore) gets it with the pixels
+                asked = {"prompts": texts[rows].tolist()} if getattr(enc, "reads_prompts", False) else {}
+                buffer.append(enc.encode(pixels, **asked))
                 bar.update(len(pixels))
                 if sum(len(b["features"]) for b in buffer) == stop - start:
                     writer.write(start, stop, {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]})

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import pandas as pd
 import torch
 import typer
@@ -22,13 +23,13 @@ from pipeline.heads import create_head
 from pipeline.runs import FORMAT, save_weights, split_entry
 from pipeline.splits import read_splits
 from pipeline.store import FeatureStore
-from pipeline.train import Recipe, RunConfig, output_names, train_protocol
+from pipeline.train import TARGETS, Recipe, RunConfig, output_names, train_protocol
 from stages import built_beside, read_manifest, read_params, resolve_device, runtime
 
 # The params each head family reads: its own sections plus the shared `train` section. MA-AGIQA's
 # ablations have a family (and stage) of their own that reads no fusion.experts or fusion.streams,
 # so that an experts/streams experiment re-trains the full model alone.
-_MA_AGIQA = ("train", "ma_agiqa.outputs", "ma_agiqa.maniqa", "ma_agiqa.recipe")
+_MA_AGIQA = ("train", "ma_agiqa.outputs", "ma_agiqa.maniqa", "ma_agiqa.recipe", "ma_agiqa.semantic_encoder")
 # Per key, never a whole section, where a section also lists the runs: adding an encoder to
 # probe.encoders or a variant to ipiqa.variants must retrain nothing that exists.
 _IPIQA = ("outputs", "qa_token", "fusion", "dropout", "head_scale", "recipe")
@@ -43,6 +44,7 @@ PARAMS = {
         "fusion.drop",
     ),
     "ipiqa": ("train", *(f"ipiqa.{k}" for k in _IPIQA), "profile", "extract.clip"),
+    "zeroshot": (),  # trains nothing: it reads no params, only the semantic store's zero-shot outputs
 }
 ABLATIONS = ("maniqa", "semantic_only")
 
@@ -71,9 +73,16 @@ def head_inputs(family: str, variant: str, p: dict[str, Any]) -> list[str]:
     return ["vit"] * ("maniqa" in streams) + ["semantic"] * any(s != "maniqa" for s in streams)
 
 
-def open_stores(features_dir: Path, inputs: list[str], expect: dict) -> dict[str, FeatureStore]:
-    """Exactly the stores a run declares, each checked against the manifest it must match."""
-    return {name: FeatureStore(features_dir / f"{name}.h5", expect=expect) for name in inputs}
+def store_files(family: str, inputs: list[str], p: dict[str, Any]) -> dict[str, str]:
+    """The store each head input reads: its own name, except MA-AGIQA's ``semantic`` input, which reads
+    the prompt-feature encoder ``ma_agiqa.semantic_encoder`` names (mPLUG-Owl2 or a transformers VLM)."""
+    reads = p["ma_agiqa"]["semantic_encoder"] if family.startswith("ma_agiqa") else "semantic"
+    return {name: reads if name == "semantic" else name for name in inputs}
+
+
+def open_stores(features_dir: Path, files: dict[str, str], expect: dict) -> dict[str, FeatureStore]:
+    """Exactly the stores a run declares (head input -> encoder), each checked against the manifest."""
+    return {name: FeatureStore(features_dir / f"{file}.h5", expect=expect) for name, file in files.items()}
 
 
 def head_config(
@@ -163,6 +172,9 @@ def main(
 ) -> None:
     if family not in PARAMS:
         raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
+    if family == "zeroshot":
+        zeroshot_run(dataset, read_manifest(manifest_path), read_splits(splits_path), features_dir, out_dir)
+        return
     p = nest(read_params(PARAMS[family]))
     rt = runtime()
     run = RunConfig(
@@ -172,7 +184,9 @@ def main(
     splits = read_splits(splits_path)
     prompts = sorted(set(manifest["prompt"]))
     inputs = head_inputs(family, variant, p)
-    stores = open_stores(features_dir, inputs, {"manifest_hash": manifest_hash(manifest)})
+    stores = open_stores(
+        features_dir, store_files(family, inputs, p), {"manifest_hash": manifest_hash(manifest)}
+    )
     shapes = {name: tuple(store.shape("features")[1:]) for name, store in stores.items()}
     outputs = family_outputs(family, p, manifest)
     tower = None
@@ -236,6 +250,56 @@ def main(
     }
     write_run(out_dir, results, record)
     typer.echo(f"{label}: {len(results)} splits, best epochs {record['best_epochs']}")
+
+
+def zeroshot_run(
+    dataset: str, manifest: pd.DataFrame, splits: dict, features_dir: Path, out_dir: Path
+) -> None:
+    """Q-Align and VQAScore predictions on every split's val and test parts, in a run folder's layout
+    (no weights: nothing is trained; ``agiqa score`` refuses it)."""
+    from pipeline.zeroshot import zeroshot_predictions
+
+    store = FeatureStore(features_dir / "semantic.h5", expect={"manifest_hash": manifest_hash(manifest)})
+    preds = zeroshot_predictions(store, output_names(manifest, "auto"))
+    index = pd.Series(np.arange(len(manifest)), index=manifest["image_id"])
+    frames = []
+    for k, split in enumerate(splits["splits"]):
+        for part in ("val", "test"):
+            rows = index.loc[split.get(part, [])].to_numpy()
+            frame = pd.DataFrame(
+                {"split": k, "part": part, "image_id": manifest["image_id"].to_numpy()[rows]}
+            )
+            for output, values in preds.items():
+                frame[f"target_{output}"] = manifest[TARGETS[output]].to_numpy()[rows]
+                frame[f"pred_{output}"] = values[rows]
+            frames.append(frame)
+    record = {
+        "format": FORMAT,
+        "dataset": dataset,
+        "run": out_dir.name,
+        "family": "zeroshot",
+        "head": {
+            "name": "zeroshot",
+            "config": {},
+            "input_shapes": {},
+            "outputs": list(preds),
+            "prompts": None,
+        },
+        "select": "none",
+        "protocol": splits["protocol"],
+        "protocol_params": splits["params"],
+        "protocol_hash": splits["hash"],
+        "best_epochs": [None] * len(splits["splits"]),
+        "stores": {"semantic": store.provenance},
+        "splits": [],
+    }
+    with built_beside(out_dir) as building:
+        pd.concat(frames).to_csv(building / "predictions.csv", index=False)
+        pd.DataFrame(columns=["split", "epoch", "train_loss", "val_score", "test_score"]).to_csv(
+            building / "curves.csv", index=False
+        )
+        (building / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    typer.echo(f"{dataset}/{out_dir.name}: zero-shot {', '.join(preds)} on {len(splits['splits'])} splits")
 
 
 def write_run(out_dir: Path, results: list, record: dict) -> None:

@@ -206,3 +206,28 @@ def test_library_weights_found_in_a_hub_cache(project):
     checks = by_name(run_checks(cfg, "paper", [], project))
     assert checks["weights vit"].status == OK and COMMIT in checks["weights vit"].detail
     assert checks["weights clip"].status == OK
+
+
+def test_vlm_store_size_and_gpu_need_come_from_its_cached_config(project):
+    """The transformers VLM's width and size are read from its cached config.json and safetensors index;
+    until they are cached the store is not counted (WARN, the others still are) and its GPU need is 7B's."""
+    params = load(project)
+    params["encoders"] = ["vit", "vlm"]
+    extract = params["extract"]
+    with pytest.raises(ValueError, match=r"hidden size of Qwen/Qwen2\.5-VL-7B-Instruct .* not cached"):
+        store_bytes("vlm", extract)
+    checks = by_name(run_checks(params, "paper", ["agiqa3k"], project))
+    assert checks["stores agiqa3k"].status == WARN and "vlm ?" in checks["stores agiqa3k"].detail
+    assert "vit 14.4 GB" in checks["stores agiqa3k"].detail
+    config = json.dumps({"text_config": {"hidden_size": 3584}})
+    index = json.dumps({"metadata": {"total_size": 16_000_000_000}, "weight_map": {"w": "model.safetensors"}})
+    fake_snapshot(
+        project / "hub",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        {"config.json": config, "model.safetensors.index.json": index},
+    )
+    assert store_bytes("vlm", extract) == 2 * 3584 * 2
+    from pipeline.doctor import vlm_parameters
+
+    assert vlm_parameters(extract) == 8e9
+    assert required_gpu_gib(["vlm"], "bfloat16", 8e9) == pytest.approx(8e9 * 2 / 2**30 + 2.5)

@@ -37,7 +37,8 @@ def encoders(params):
 def test_schema_provenance_and_determinism(name, encoders, params, image):
     enc = encoders[name]
     pixels = torch.stack([enc.preprocess(image), enc.preprocess(image.rotate(90))])
-    out = enc.encode(pixels)
+    asked = {"prompts": ["a red fox", "a cat"]} if getattr(enc, "reads_prompts", False) else {}
+    out = enc.encode(pixels, **asked)
     schema = enc.schema()
     assert set(out) == set(schema)
     for key, (shape, dtype) in schema.items():
@@ -46,7 +47,7 @@ def test_schema_provenance_and_determinism(name, encoders, params, image):
         assert np.isfinite(out[key]).all()
     assert not np.array_equal(out["features"][0], out["features"][1])
     json.dumps(enc.provenance())  # must be storable as attributes
-    again = create_encoder(name, params["extract"][name], "demo").encode(pixels)
+    again = create_encoder(name, params["extract"][name], "demo").encode(pixels, **asked)
     np.testing.assert_array_equal(again["features"], out["features"])
 
 

@@ -173,6 +173,20 @@ def test_fusion_and_qa_token_experiments_retrain_only_their_heads(repo):
     assert not others, others
 
 
+def test_ma_agiqa_on_another_vlm_retrains_its_heads_and_extracts_nothing(repo):
+    """ma_agiqa.semantic_encoder switches MA-AGIQA's prompt experts to the transformers VLM's store,
+    which the DAG already extracted (encoders lists vlm): only the MA-AGIQA heads train again."""
+    out = _run(["dvc", "exp", "run", "-S", "ma_agiqa.semantic_encoder=vlm"], repo).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert not any(
+        s.startswith(("extract", "prepare", "split", "train_probe", "train_ipiqa")) for s in ran
+    ), ran
+    assert {"train_ma_agiqa@demo-ma_agiqa", "train_ma_agiqa_ablation@demo-semantic_only"} <= ran
+    record = json.loads((repo / "runs" / "demo" / "ma_agiqa" / "run.json").read_text())
+    assert record["stores"]["semantic"]["encoder"] == "vlm"
+    assert record["head"]["input_shapes"]["semantic"][1] == record["stores"]["semantic"]["feature_dim"]
+
+
 def test_killed_extract_resumes_without_recomputing_finished_chunks(repo):
     """SIGKILL mid-run, then rerun: only the missing rows are computed and the store equals a clean one."""
     out = repo / "features" / "demo" / "vit_resumed.h5"

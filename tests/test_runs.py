@@ -140,3 +140,20 @@ def test_a_hub_repo_id_loads_from_the_hub_cache_offline(run_dir, tmp_path, monke
     assert scorer.source == f"lab/agiqa-probe@{commit}"
     with pytest.raises(FileNotFoundError, match="lab/other: not a local run or bundle folder"):
         Scorer.from_pretrained("lab/other", device="cpu")
+
+
+def test_encoders_are_rebuilt_from_store_provenance_and_checked(params):
+    """score rebuilds an encoder from its store's record: the same weights (by digest), the identity view
+    alone (extra views are training augmentation), and any other difference refused by key."""
+    from pipeline.encoders import create_encoder
+    from pipeline.scoring import EncoderMismatch, rebuild_encoder
+
+    cfg = {**params["extract"]["vit"], "views": ["identity", "hflip"]}
+    stage1 = create_encoder("vit", cfg, "demo", dtype="float32")
+    provenance = {**stage1.provenance(), "config": {"cfg": cfg, "dtype": "float32"}, "batch_size": 16}
+    rebuilt = rebuild_encoder("vit", json.loads(json.dumps(provenance)), "cpu")
+    assert rebuilt.views == ["identity"] and rebuilt.weights_sha256 == stage1.weights_sha256
+    with pytest.raises(EncoderMismatch, match=r"vit encoder rebuilt here .*\(weights_sha256: recorded '0+'"):
+        rebuild_encoder("vit", {**provenance, "weights_sha256": "0" * 64}, "cpu")
+    with pytest.raises(EncoderMismatch, match="records no encoder config"):
+        rebuild_encoder("vit", {k: v for k, v in provenance.items() if k != "config"}, "cpu")

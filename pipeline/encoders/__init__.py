@@ -30,7 +30,10 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-BUILTIN = ("vit", "clip", "semantic")
+BUILTIN = ("vit", "clip", "semantic", "vlm")
+# Encoders whose store row is one vector per named prompt (``prompt_names`` in the provenance): what
+# MA-AGIQA's prompt experts read (``ma_agiqa.semantic_encoder``) and what a probe concatenates.
+PROMPT_FEATURES = ("semantic", "vlm")
 ENTRY_POINTS = "agiqa.encoders"
 PROFILES = ("demo", "paper")
 _REGISTRY: dict[str, type] = {}

@@ -20,6 +20,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+DEFAULT_CACHE_DIR = ".cache/agiqa"
+
+# MA-AGIQA's two questions (getFeature.py), by the names its loader gives their features. A params
+# entry that is one of these names stands for the question; any other string is asked verbatim.
+MA_AGIQA_PROMPTS = {
+    "semantic_content": "Evaluate the input image to determine if its quality is compromised due to a "
+    "lack of meaningful semantic content.",
+    "coherence": "Evaluate if the image quality is compromised due to violations of coherence.",
+}
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # `extract.dtype: auto`: what each profile computes in. The demo is a CPU check of the code (float32);
 # the paper profile runs the 7B model on a GPU, where bfloat16 halves memory (about 15 GB, not 28).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.encoders import PROMPT_FEATURES
 from pipeline.heads import register_head
 
 
@@ -61,4 +62,6 @@ def probe(
     """Probe on one store; semantic vectors (one per prompt) are concatenated, not averaged."""
     if encoder not in input_shapes:
         raise KeyError(f"probe.encoder {encoder!r} has no features; available: {sorted(input_shapes)}")
-    return Probe(encoder, input_shapes[encoder], n_outputs, hidden, dropout, flatten=encoder == "semantic")
+    return Probe(
+        encoder, input_shapes[encoder], n_outputs, hidden, dropout, flatten=encoder in PROMPT_FEATURES
+    )

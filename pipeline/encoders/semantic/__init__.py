@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from pipeline.encoders import register_encoder
-from pipeline.encoders.common import torch_dtype
+from pipeline.encoders.common import DEFAULT_CACHE_DIR, MA_AGIQA_PROMPTS, torch_dtype
 
 from .mplug_owl2.checkpoint import load_model, resolve_checkpoint, weights_digest
 from .mplug_owl2.extract import POOLINGS, SemanticExtractor
@@ -29,16 +29,22 @@ from .mplug_owl2.processing import (
     tokenize_prompt,
 )
 from .mplug_owl2.tiny import ensure_tiny_checkpoint
+from .mplug_owl2.zeroshot import (
+    QALIGN_PROMPTS,
+    RATING_WEIGHTS,
+    RATING_WORDS,
+    VQASCORE_ANSWER,
+    VQASCORE_QUESTION,
+    VQASCORE_TEMPLATE,
+    QAlignScorer,
+    SharedPass,
+    VQAScorer,
+    qalign_prompt_ids,
+    single_token_ids,
+    vqascore_prompt_ids,
+)
 
-DEFAULT_CACHE_DIR = ".cache/agiqa"
-
-# MA-AGIQA's two questions (getFeature.py), by the names its loader gives their features. A params
-# entry that is one of these names stands for the question; any other string is asked verbatim.
-MA_AGIQA_PROMPTS = {
-    "semantic_content": "Evaluate the input image to determine if its quality is compromised due to a "
-    "lack of meaningful semantic content.",
-    "coherence": "Evaluate if the image quality is compromised due to violations of coherence.",
-}
+ZEROSHOT = ("qalign", "vqascore")
 
 
 @register_encoder("semantic")
@@ -58,6 +64,12 @@ class SemanticEncoder:
                 f"extract.semantic.pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}"
             )
         self.profile, self.dtype = profile, dtype
+        self.zeroshot = [str(z) for z in cfg.get("zeroshot") or []]
+        if unknown := sorted(set(self.zeroshot) - set(ZEROSHOT)):
+            raise ValueError(f"extract.semantic.zeroshot: unknown {unknown}; choose among {list(ZEROSHOT)}")
+        self.qalign_prompt = cfg.get("qalign_prompt", "newline")
+        if self.qalign_prompt not in QALIGN_PROMPTS:
+            raise ValueError(f"extract.semantic.qalign_prompt must be one of {list(QALIGN_PROMPTS)}")
 
         if profile == "demo":
             demo = cfg.get("demo") or {}
@@ -75,10 +87,20 @@ class SemanticEncoder:
             # A hub commit pins the weights; a local folder is identified by its content.
             self.source |= {"revision": commit} if commit else {"weights_sha256": weights_digest(directory)}
 
-        model = load_model(directory, dtype=compute_dtype, device=device)
-        tokenizer = load_tokenizer(directory)
+        model = load_model(directory, dtype=compute_dtype, device=device, lm_head=bool(self.zeroshot))
+        self.tokenizer = tokenizer = load_tokenizer(directory)
         self.prompt_ids = [tokenize_prompt(chat, tokenizer) for chat in chats]
         self.extractor = SemanticExtractor(model, self.prompt_ids, self.pooling, self.hidden_layer)
+        # The demo's byte-level tokenizer has no one-token words: one-letter stand-ins, recorded as such.
+        self.rating_words = [w[0] for w in RATING_WORDS] if profile == "demo" else list(RATING_WORDS)
+        self.yes_word = VQASCORE_ANSWER[0] if profile == "demo" else VQASCORE_ANSWER
+        qalign = vqascore = None
+        if "qalign" in self.zeroshot:
+            word_ids = single_token_ids(tokenizer, self.rating_words)
+            qalign = QAlignScorer(model, qalign_prompt_ids(tokenizer, self.qalign_prompt), word_ids)
+        if "vqascore" in self.zeroshot:
+            vqascore = VQAScorer(model, single_token_ids(tokenizer, [self.yes_word])[0])
+        self.shared = SharedPass(self.extractor, qalign, vqascore)
         self.preprocessor = ImagePreprocessor(model.cfg.vision.image_size)
         self.feature_dim = model.cfg.hidden_size
 
@@ -98,16 +120,50 @@ class SemanticEncoder:
             "resolution": self.preprocessor.resolution,
             "preprocess": "expand2square(122,116,104)+clip-pil-bicubic",
             "feature_dim": self.feature_dim,
+            **(self._zeroshot_provenance() if self.zeroshot else {}),
         }
 
+    def _zeroshot_provenance(self) -> dict[str, Any]:
+        return {
+            "zeroshot": self.zeroshot,
+            "qalign_prompt": {self.qalign_prompt: QALIGN_PROMPTS[self.qalign_prompt]},
+            "rating_words": self.rating_words,
+            "rating_weights": list(RATING_WEIGHTS),
+            "vqascore_template": VQASCORE_TEMPLATE.format(question=VQASCORE_QUESTION),
+            "vqascore_answer": self.yes_word,
+        }
+
+    @property
+    def reads_prompts(self) -> bool:
+        """VQAScore asks about each image's own generation prompt: ``encode`` needs them."""
+        return "vqascore" in self.zeroshot
+
     def schema(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {"features": ((len(self.prompts), self.feature_dim), "float16")}  # as MA-AGIQA saves them
+        schema = {"features": ((len(self.prompts), self.feature_dim), "float16")}  # as MA-AGIQA saves them
+        if "qalign" in self.zeroshot:  # log-probabilities of the five rating words (float32: small gaps)
+            schema["qalign"] = ((len(RATING_WORDS),), "float32")
+        if "vqascore" in self.zeroshot:
+            schema["vqascore"] = ((1,), "float32")
+        return schema
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.preprocessor(image)
 
-    def encode(self, pixels: torch.Tensor) -> dict[str, np.ndarray]:
-        return {"features": self.extractor(pixels).cpu().numpy().astype(np.float16)}
+    def encode(self, pixels: torch.Tensor, prompts: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Features, and the zero-shot outputs asked for, from one vision pass; ``prompts``: each image's
+        generation prompt (VQAScore)."""
+        if not self.zeroshot:
+            return {"features": self.extractor(pixels).cpu().numpy().astype(np.float16)}
+        if self.reads_prompts and (prompts is None or len(prompts) != len(pixels)):
+            raise ValueError("extract.semantic.zeroshot has vqascore: encode needs each image's prompt")
+        asked = vqascore_prompt_ids(self.tokenizer, prompts) if self.reads_prompts else None
+        out = self.shared(pixels, asked)
+        arrays = {"features": out["features"].cpu().numpy().astype(np.float16)}
+        if "qalign" in out:
+            arrays["qalign"] = out["qalign"].float().cpu().numpy()
+        if "vqascore" in out:
+            arrays["vqascore"] = out["vqascore"].float().cpu().numpy().reshape(-1, 1)
+        return arrays
 
     def extras(self, prompts: list[str]) -> dict[str, np.ndarray]:
         return {}

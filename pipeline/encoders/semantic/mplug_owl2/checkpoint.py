@@ -121,7 +121,11 @@ def load_model(
     device: str | torch.device = "cpu",
     lm_head: bool = False,
 ) -> MplugOwl2:
-    """Build `MplugOwl2` from a checkpoint directory or hub id, strictly, in `dtype` on `device`, frozen."""
+    """Build `MplugOwl2` from a checkpoint directory or hub id, strictly, in `dtype` on `device`, frozen.
+
+    `lm_head=True` also loads `lm_head.weight`, for the zero-shot scores; features never need it. Q-Align /
+    OneAlign checkpoints (q-future/one-align, q-future/q-align-*) are this architecture and load the same way.
+    """
     directory, _ = resolve_checkpoint(source, revision)
     cfg = MplugOwl2Config.from_json_file(directory / "config.json")
     with torch.device("meta"):

@@ -11,21 +11,26 @@ less work:
   decoder forward, right-padded, with a mask that lets each row see its own prompt prefix and, causally,
   its own real tokens; pooling counts only real positions, so padding changes nothing;
 * the decoder stops at the requested hidden layer and `lm_head` is never run.
+
+`run_prefixes` and `decode_rows` are shared with the zero-shot scorers (`zeroshot.py`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from .model import IMAGE_TOKEN_INDEX, KV, MplugOwl2
 
 log = logging.getLogger(__name__)
 POOLINGS = ("mean", "last", "mean_visual", "mean_text")
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,7 +42,91 @@ class Prefixes:
     sums: Tensor  # (P, C) float32 sum of the pooled hidden state over the real prefix positions
 
 
-class SemanticExtractor:
+def split_prompt(ids: Sequence[int], name: str = "prompt") -> tuple[list[int], list[int]]:
+    """The token ids before and after the single IMAGE_TOKEN_INDEX."""
+    where = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+    if len(where) != 1:
+        raise ValueError(f"{name} must contain exactly one image token, found {len(where)}")
+    return list(ids[: where[0]]), list(ids[where[0] + 1 :])
+
+
+def run_prefixes(model: MplugOwl2, prefixes: Sequence[Sequence[int]], upto: int) -> Prefixes:
+    """Run the texts before the image once, batched and right-padded, keeping each layer's keys/values."""
+    device = model.model.embed_tokens.weight.device
+    lengths = torch.tensor([len(a) for a in prefixes], device=device)
+    width = max(1, int(lengths.max()))
+    ids = torch.zeros(len(prefixes), width, dtype=torch.long, device=device)
+    for p, a in enumerate(prefixes):
+        ids[p, : len(a)] = torch.tensor(a, dtype=torch.long)
+    x = model.model.embed_tokens(ids)
+    positions = torch.arange(width, device=device).expand(len(prefixes), -1)
+    # Right padding under a causal mask: real positions never see the padding.
+    (state,), kv = model.model.decode(x, torch.zeros_like(ids), positions, upto, keep_kv=True)
+    real = torch.arange(width, device=device)[None, :] < lengths[:, None]
+    return Prefixes(lengths=lengths, kv=kv, sums=(state.float() * real[..., None]).sum(1))
+
+
+def decode_rows(
+    model: MplugOwl2,
+    images: Tensor,
+    prefixes: Prefixes,
+    image: Tensor,
+    prompt: Tensor,
+    suffixes: Sequence[Tensor],
+    upto: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ONE batched decoder forward over rows of [visual tokens of `images[image[r]]` ; `suffixes[r]`].
+
+    Row r continues the cached prefix `prompt[r]`: it sees that prefix's real positions and, causally, its
+    own tokens, never the padding. Returns hidden state `upto` (R, W, C), the real-position mask (R, W) and
+    the visual-position mask (1, W).
+    """
+    device = images.device
+    nv = images.shape[1]
+    lengths = torch.tensor([len(s) for s in suffixes], device=device)
+    text = pad_sequence(list(suffixes), batch_first=True)  # zeros where a row has no text
+    width = nv + text.shape[1]
+    step = torch.arange(width, device=device)[None, :]
+    real = step < nv + lengths[:, None]  # (rows, width)
+    visual = step < nv
+    embeds = torch.where(real[:, nv:, None], model.model.embed_tokens(text), 0)
+    x = torch.cat([images[image], embeds], dim=1)
+    modality = visual.long().expand(len(x), -1)
+    prefix_len = prefixes.lengths[prompt]
+    positions = prefix_len[:, None] + step
+    t = prefixes.kv[0][0].shape[2] if prefixes.kv else 0
+    sees_prefix = torch.arange(t, device=device) < prefix_len[:, None, None]  # (rows, 1, t)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    mask = torch.cat([sees_prefix.expand(-1, width, -1), causal.expand(len(x), -1, -1)], dim=2)[:, None]
+    past = [(k[prompt], v[prompt]) for k, v in prefixes.kv]
+    (h,), _ = model.model.decode(x, modality, positions, upto, past=past, mask=mask)
+    return h, real, visual
+
+
+class Chunked:
+    """Runs a batch in slices of at most `max_images`, halving that after a CUDA out-of-memory error."""
+
+    max_images: int | None = None  # lowered after a CUDA out-of-memory error
+
+    def _chunks(self, total: int, run: Callable[[slice], T]) -> list[T]:
+        out, start = [], 0
+        while start < total:
+            n = min(self.max_images or total, total - start)
+            try:
+                out.append(run(slice(start, start + n)))
+                start += n
+                continue
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+            self.max_images = n // 2
+            log.warning("out of memory with %d images per forward; retrying with %d", n, self.max_images)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return out
+
+
+class SemanticExtractor(Chunked):
     """`extractor(pixels (B, 3, H, W)) -> (B, P, C)` float32 features, one per prompt, on the model's device.
 
     `prompt_ids` are token id lists with exactly one IMAGE_TOKEN_INDEX (see `processing.tokenize_prompt`).
@@ -61,80 +150,32 @@ class SemanticExtractor:
         if not prompt_ids:
             raise ValueError("at least one prompt is needed")
         self.model, self.pooling, self.layer = model, pooling, hidden_layer % (n + 1)
-        self.max_images: int | None = None  # lowered after a CUDA out-of-memory error
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
-        split = []
-        for p, ids in enumerate(prompt_ids):
-            where = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
-            if len(where) != 1:
-                raise ValueError(f"prompt {p} must contain exactly one image token, found {len(where)}")
-            split.append((list(ids[: where[0]]), list(ids[where[0] + 1 :])))
+        split = [split_prompt(ids, f"prompt {p}") for p, ids in enumerate(prompt_ids)]
         if pooling == "mean_text" and any(not (a or b) for a, b in split):
             raise ValueError("pooling 'mean_text' needs text tokens in every prompt")
         self.suffixes = [torch.tensor(b, dtype=torch.long, device=self.device) for _, b in split]
         with torch.inference_mode():
-            self.prefixes = self._run_prefixes([a for a, _ in split])
-
-    def _run_prefixes(self, prefixes: list[list[int]]) -> Prefixes:
-        lengths = torch.tensor([len(a) for a in prefixes], device=self.device)
-        width = max(1, int(lengths.max()))
-        ids = torch.zeros(len(prefixes), width, dtype=torch.long, device=self.device)
-        for p, a in enumerate(prefixes):
-            ids[p, : len(a)] = torch.tensor(a, dtype=torch.long)
-        x = self.model.model.embed_tokens(ids)
-        positions = torch.arange(width, device=self.device).expand(len(prefixes), -1)
-        # Right padding under a causal mask: real positions never see the padding.
-        (state,), kv = self.model.model.decode(x, torch.zeros_like(ids), positions, self.layer, keep_kv=True)
-        real = torch.arange(width, device=self.device)[None, :] < lengths[:, None]
-        return Prefixes(lengths=lengths, kv=kv, sums=(state.float() * real[..., None]).sum(1))
+            self.prefixes = run_prefixes(model, [a for a, _ in split], self.layer)
 
     @torch.inference_mode()
     def __call__(self, pixels: Tensor) -> Tensor:
-        out, start = [], 0
-        while start < len(pixels):
-            n = min(self.max_images or len(pixels), len(pixels) - start)
-            try:
-                out.append(self._features(pixels[start : start + n]))
-                start += n
-                continue
-            except torch.OutOfMemoryError:
-                if n == 1:
-                    raise
-            self.max_images = n // 2
-            log.warning("out of memory with %d images per forward; retrying with %d", n, self.max_images)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        return torch.cat(out)
+        return torch.cat(self._chunks(len(pixels), lambda s: self._features(pixels[s])))
 
     def _features(self, pixels: Tensor) -> Tensor:
-        model, pre = self.model.model, self.prefixes
-        images = self.model.encode_images(pixels.to(self.device, self.dtype))  # (B, V, C)
-        b, nv, c = images.shape
-        p = len(self.suffixes)
-        rows = b * p  # image-major: row r is image r // p with prompt r % p
-        prompt = torch.arange(p, device=self.device).repeat(b)
-        text_len = torch.tensor([len(s) for s in self.suffixes], device=self.device)[prompt]
-        width = nv + int(text_len.max())
-        step = torch.arange(width, device=self.device)[None, :]
-        real = step < nv + text_len[:, None]  # (rows, width)
+        return self.from_images(self.model.encode_images(pixels.to(self.device, self.dtype)))
 
-        x = images.new_zeros(rows, width, c)
-        x[:, :nv] = images.repeat_interleave(p, dim=0)
-        for q, suffix in enumerate(self.suffixes):
-            x[q::p, nv : nv + len(suffix)] = model.embed_tokens(suffix)
-        visual = step < nv
-        modality = visual.long().expand(rows, -1)
-        prefix_len = pre.lengths[prompt]
-        positions = prefix_len[:, None] + step
-        # Each row attends to its own prompt's real prefix and, causally, to its own tokens.
-        t = pre.kv[0][0].shape[2] if pre.kv else 0
-        sees_prefix = torch.arange(t, device=self.device) < prefix_len[:, None, None]  # (rows, 1, t)
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-        mask = torch.cat([sees_prefix.expand(-1, width, -1), causal.expand(rows, -1, -1)], dim=2)[:, None]
-        past = [(k[prompt], v[prompt]) for k, v in pre.kv]
-        (h,), _ = model.decode(x, modality, positions, self.layer, past=past, mask=mask)
-        return self._pool(h.float(), real, visual, prompt).view(b, p, c)
+    @torch.inference_mode()
+    def from_images(self, images: Tensor) -> Tensor:
+        """Features from visual tokens already computed by `model.encode_images` (B, V, C) -> (B, P, C)."""
+        b, p = len(images), len(self.suffixes)
+        # Image-major rows: row r is image r // p with prompt r % p.
+        image = torch.arange(b, device=self.device).repeat_interleave(p)
+        prompt = torch.arange(p, device=self.device).repeat(b)
+        suffixes = [self.suffixes[q] for q in prompt.tolist()]
+        h, real, visual = decode_rows(self.model, images, self.prefixes, image, prompt, suffixes, self.layer)
+        return self._pool(h.float(), real, visual, prompt).view(b, p, -1)
 
     def _pool(self, h: Tensor, real: Tensor, visual: Tensor, prompt: Tensor) -> Tensor:
         pre = self.prefixes
