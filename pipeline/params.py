@@ -196,8 +196,10 @@ SCHEMA = Section(
                         "pooling": One(("mean", "last", "mean_visual", "mean_text")),
                         "hidden_layer": Num(),
                         "max_side": INT1,
+                        "zeroshot": Many(One(("vqascore",)), min_len=0),
                         "demo": MapOf(None),
-                    }
+                    },
+                    frozenset({"zeroshot"}),
                 ),
             }
         ),

@@ -89,6 +89,31 @@ def test_parity_with_each_pair_alone(cache: Path, images: list[Image.Image], fam
             assert torch.allclose(got[:, 0], got[:, 1]) == (pooling == "mean_visual")
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_vqascore_equals_each_question_alone(cache: Path, images: list[Image.Image], family: str) -> None:
+    """P(yes) of a padded batch of questions of different lengths, against the full model's own logits for
+    each (image, question) alone: the answer position is each row's last real token."""
+    enc = create_encoder("vlm", demo_cfg(cache, family, zeroshot=["vqascore"]), "demo")
+    prompts = ["a red fox sitting in deep snow under a pale winter sky", "cat"]
+    got = enc.vqascore(images, prompts)
+    for image, prompt, p_yes in zip(images, prompts, got, strict=True):
+        text = enc._render(f'Does this figure show "{prompt}"? Please answer yes or no.')
+        inputs = enc.processor(text=[text], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            want = enc.model(**inputs).logits[0, -1].softmax(-1)[enc.yes_id]
+        assert abs(p_yes.item() - want.item()) <= 1e-4 * want.item(), (
+            family,
+            prompt,
+            p_yes.item(),
+            want.item(),
+        )
+    pixels = torch.stack([enc.preprocess(image) for image in images])
+    out = enc.encode(pixels, prompts)
+    assert out["vqascore"].shape == (2, 1) and enc.schema()["vqascore"] == ((1,), "float32")
+    with pytest.raises(ValueError, match="needs each image's prompt"):
+        enc.encode(pixels)
+
+
 def test_encode_through_the_default_collate(cache: Path, images: list[Image.Image]) -> None:
     """preprocess -> torch.stack (the extract stage's collate) -> encode: the features, as the schema says."""
     enc = create_encoder("vlm", demo_cfg(cache, "qwen2_vl", max_side=96), "demo")

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+from pipeline.encoders.common import single_token_ids
 from pipeline.encoders.semantic.mplug_owl2 import zeroshot
 from pipeline.encoders.semantic.mplug_owl2.checkpoint import load_model
 from pipeline.encoders.semantic.mplug_owl2.extract import SemanticExtractor
@@ -20,7 +21,6 @@ from pipeline.encoders.semantic.mplug_owl2.zeroshot import (
     VQAScorer,
     qalign_prompt_ids,
     qalign_score,
-    single_token_ids,
     vqascore_prompt_ids,
 )
 

@@ -30,6 +30,31 @@ MA_AGIQA_PROMPTS = {
     "coherence": "Evaluate if the image quality is compromised due to violations of coherence.",
 }
 
+# VQAScore's question and answer (t2v_metrics), asked by every encoder with a language-model head.
+VQASCORE_QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
+VQASCORE_ANSWER = "Yes"
+
+
+def single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """The token id of each word as the model continues a prompt with it (tokenizer's BOS dropped).
+
+    Q-Align takes `tokenizer(word).input_ids[1]` blindly; a word that is several tokens would silently
+    score its first piece, so it is an error here.
+    """
+    ids = []
+    for word in words:
+        tokens = list(tokenizer(word)["input_ids"])
+        if tokens[:1] == [tokenizer.bos_token_id]:
+            tokens = tokens[1:]
+        if len(tokens) != 1:
+            raise ValueError(
+                f"{word!r} is {len(tokens)} tokens {tokens} for this tokenizer; a zero-shot score needs "
+                "exactly one token per answer word"
+            )
+        ids.append(tokens[0])
+    return ids
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # `extract.dtype: auto`: what each profile computes in. The demo is a CPU check of the code (float32);
 # the paper profile runs the 7B model on a GPU, where bfloat16 halves memory (about 15 GB, not 28).

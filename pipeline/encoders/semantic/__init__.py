@@ -17,7 +17,14 @@ import torch
 from PIL import Image
 
 from pipeline.encoders import register_encoder
-from pipeline.encoders.common import DEFAULT_CACHE_DIR, MA_AGIQA_PROMPTS, torch_dtype
+from pipeline.encoders.common import (
+    DEFAULT_CACHE_DIR,
+    MA_AGIQA_PROMPTS,
+    VQASCORE_ANSWER,
+    VQASCORE_QUESTION,
+    single_token_ids,
+    torch_dtype,
+)
 
 from .mplug_owl2.checkpoint import load_model, resolve_checkpoint, weights_digest
 from .mplug_owl2.extract import POOLINGS, SemanticExtractor
@@ -33,14 +40,11 @@ from .mplug_owl2.zeroshot import (
     QALIGN_PROMPTS,
     RATING_WEIGHTS,
     RATING_WORDS,
-    VQASCORE_ANSWER,
-    VQASCORE_QUESTION,
     VQASCORE_TEMPLATE,
     QAlignScorer,
     SharedPass,
     VQAScorer,
     qalign_prompt_ids,
-    single_token_ids,
     vqascore_prompt_ids,
 )
 

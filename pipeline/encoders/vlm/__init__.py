@@ -41,7 +41,14 @@ from PIL import Image
 from torch import Tensor
 
 from pipeline.encoders import register_encoder
-from pipeline.encoders.common import DEFAULT_CACHE_DIR, MA_AGIQA_PROMPTS, torch_dtype
+from pipeline.encoders.common import (
+    DEFAULT_CACHE_DIR,
+    MA_AGIQA_PROMPTS,
+    VQASCORE_ANSWER,
+    VQASCORE_QUESTION,
+    single_token_ids,
+    torch_dtype,
+)
 
 from .loading import load_vlm
 from .tiny import ensure_tiny_checkpoint
@@ -137,6 +144,13 @@ class VlmEncoder:
                 f"(id {self.image_token_id}) is not the model's image token id {placed}"
             )
         self.texts = [self._render(q) for q in self.prompts]
+        self.zeroshot = [str(z) for z in cfg.get("zeroshot") or []]
+        if self.zeroshot not in ([], ["vqascore"]):
+            raise ValueError(f"extract.vlm.zeroshot: only vqascore is offered, got {self.zeroshot}")
+        # The demo's byte-level tokenizers have no one-token words: a one-letter stand-in, recorded as such.
+        self.yes_word = VQASCORE_ANSWER[0] if profile == "demo" else VQASCORE_ANSWER
+        if self.zeroshot:
+            self.yes_id = single_token_ids(self.processor.tokenizer, [self.yes_word])[0]
         self.max_images: int | None = None  # lowered after a CUDA out-of-memory error
 
     def _render(self, question: str) -> str:
@@ -172,17 +186,52 @@ class VlmEncoder:
             "max_side": self.max_side,
             "preprocess": "rgb; longer side > max_side: bicubic downscale to max_side; then the processor",
             "feature_dim": self.feature_dim,
+            **(
+                {
+                    "zeroshot": self.zeroshot,
+                    "vqascore_question": VQASCORE_QUESTION,
+                    "vqascore_answer": self.yes_word,
+                }
+                if self.zeroshot
+                else {}
+            ),
         }
 
+    @property
+    def reads_prompts(self) -> bool:
+        """VQAScore asks about each image's own generation prompt: ``encode`` needs them."""
+        return bool(self.zeroshot)
+
     def schema(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {"features": ((len(self.prompts), self.feature_dim), "float16")}
+        schema = {"features": ((len(self.prompts), self.feature_dim), "float16")}
+        if self.zeroshot:
+            schema["vqascore"] = ((1,), "float32")
+        return schema
 
     def preprocess(self, image: Image.Image) -> Tensor:
         return to_canvas(image, self.max_side)
 
-    def encode(self, pixels: Tensor) -> dict[str, np.ndarray]:
+    def encode(self, pixels: Tensor, prompts: list[str] | None = None) -> dict[str, np.ndarray]:
         images = [from_canvas(canvas) for canvas in pixels]
-        return {"features": self.features(images).cpu().numpy().astype(np.float16)}
+        out = {"features": self.features(images).cpu().numpy().astype(np.float16)}
+        if self.zeroshot:
+            if prompts is None or len(prompts) != len(images):
+                raise ValueError("extract.vlm.zeroshot has vqascore: encode needs each image's prompt")
+            out["vqascore"] = self.vqascore(images, prompts).cpu().numpy().reshape(-1, 1)
+        return out
+
+    @torch.inference_mode()
+    def vqascore(self, images: list[Image.Image], prompts: list[str]) -> Tensor:
+        """VQAScore: P(yes) from a softmax over the vocabulary after "Does this figure show "<prompt>"? ...",
+        at each row's last real token (right padding), one forward for the batch."""
+        texts = [self._render(VQASCORE_QUESTION.format(p)) for p in prompts]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(
+            self.device, dtype=self.compute_dtype
+        )
+        states = self.model.base_model(**inputs).last_hidden_state
+        last = inputs["attention_mask"].sum(1) - 1
+        logits = self.model.get_output_embeddings()(states[torch.arange(len(texts)), last])
+        return logits.float().softmax(-1)[:, self.yes_id]
 
     def extras(self, prompts: list[str]) -> dict[str, np.ndarray]:
         return {}

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.encoders.common import VQASCORE_QUESTION
+
 from .extract import Chunked, Prefixes, SemanticExtractor, decode_rows, run_prefixes, split_prompt
 from .model import MplugOwl2
 from .processing import build_prompt, tokenize_prompt
@@ -38,29 +40,7 @@ QALIGN_PROMPTS = {
     "space": _QALIGN_QUESTION + " ASSISTANT: The quality of the image is",
 }
 # VQAScore's question and answer (t2v_metrics), in mPLUG-Owl2's own conversation format: the image first.
-VQASCORE_QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
 VQASCORE_TEMPLATE = "USER: <|image|>{question} ASSISTANT:"
-VQASCORE_ANSWER = "Yes"
-
-
-def single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
-    """The token id of each word as the model continues a prompt with it (tokenizer's BOS dropped).
-
-    Q-Align takes `tokenizer(word).input_ids[1]` blindly; a word that is several tokens would silently
-    score its first piece, so it is an error here.
-    """
-    ids = []
-    for word in words:
-        tokens = list(tokenizer(word)["input_ids"])
-        if tokens[:1] == [tokenizer.bos_token_id]:
-            tokens = tokens[1:]
-        if len(tokens) != 1:
-            raise ValueError(
-                f"{word!r} is {len(tokens)} tokens {tokens} for this tokenizer; a zero-shot score needs "
-                "exactly one token per answer word"
-            )
-        ids.append(tokens[0])
-    return ids
 
 
 def qalign_prompt_ids(tokenizer, variant: str = "newline") -> list[int]:
