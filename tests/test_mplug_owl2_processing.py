@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from stand_ins import ChunkTable
 from transformers import CLIPImageProcessorPil
 
 from pipeline.encoders.semantic.mplug_owl2.checkpoint import CheckpointError, resolve_checkpoint
@@ -41,18 +42,6 @@ COHERENCE_IDS = [
     16165, 261, 663, 29889, 13, -200, 29871, 319, 1799, 9047, 13566, 29901,
 ]  # fmt: skip
 ASSISTANT_IDS = [1, 29871, 319, 1799, 9047, 13566, 29901]  # " ASSISTANT:" on its own, with BOS
-
-
-class ChunkTable:
-    """A stand-in tokenizer that knows the LLaMA ids of given text chunks (BOS included)."""
-
-    bos_token_id = 1
-
-    def __init__(self, table: dict[str, list[int]]):
-        self.table = table
-
-    def __call__(self, text: str) -> dict[str, list[int]]:
-        return {"input_ids": self.table[text]}
 
 
 def test_prompt_string_is_the_mplug_owl2_conversation():

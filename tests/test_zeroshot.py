@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from stand_ins import ChunkTable
 from torch.testing import assert_close
 
 from pipeline.encoders.common import single_token_ids
@@ -125,18 +126,6 @@ def test_multi_token_answer_word_is_named():
         single_token_ids(tokenizer, RATING_WORDS)
     with pytest.raises(ValueError, match=r"'bad' is 3 tokens"):
         single_token_ids(tokenizer, ["a", "bad"])
-
-
-class ChunkTable:
-    """A stand-in LLaMA tokenizer that knows the ids of given texts (BOS included)."""
-
-    bos_token_id = 1
-
-    def __init__(self, table: dict[str, list[int]]):
-        self.table = table
-
-    def __call__(self, text: str) -> dict[str, list[int]]:
-        return {"input_ids": self.table[text]}
 
 
 def test_word_ids_skip_bos_and_prompt_variants_differ_by_the_separator():

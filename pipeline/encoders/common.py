@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = ".cache/agiqa"
 
@@ -29,6 +36,16 @@ MA_AGIQA_PROMPTS = {
     "lack of meaningful semantic content.",
     "coherence": "Evaluate if the image quality is compromised due to violations of coherence.",
 }
+
+
+def named_prompts(cfg: dict, section: str) -> tuple[list[str], list[str]]:
+    """(names, texts) of ``extract.<section>.prompts``: MA-AGIQA's names stand for its questions, any other
+    entry is asked verbatim; the names are how stage 2 binds streams to store rows."""
+    prompts = cfg.get("prompts")
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError(f"extract.{section}.prompts must be a non-empty list of non-empty strings")
+    return list(prompts), [MA_AGIQA_PROMPTS.get(p, p) for p in prompts]
+
 
 # VQAScore's question and answer (t2v_metrics), asked by every encoder with a language-model head.
 VQASCORE_QUESTION = 'Does this figure show "{}"? Please answer yes or no.'
@@ -137,3 +154,47 @@ def adapted_tower(record_dir: Path, encoder: str) -> Path | None:
     if not weights.is_file():
         raise FileNotFoundError(f"{path} names {weights}, which is missing")
     return weights
+
+
+def publish_dir(directory: Path, write: Callable[[Path], None]) -> Path:
+    """Create ``directory`` atomically: ``write`` fills a staging folder beside it, which is then renamed,
+    so a crash never leaves a half-written folder. A folder that already exists is kept as it is (another
+    process may have published the same content first)."""
+    if directory.is_dir():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory.parent))
+    try:
+        write(staging)
+        staging.chmod(0o755)
+        staging.rename(directory)
+    except OSError:
+        if not directory.is_dir():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+class OomBackoff:
+    """Runs a batch in slices of at most ``max_images``, halving that after a CUDA out-of-memory error
+    (kept for the rest of the run); a single image that does not fit is an error."""
+
+    max_images: int | None = None
+
+    def _chunks(self, total: int, run: Callable[[slice], T]) -> list[T]:
+        out, start = [], 0
+        while start < total:
+            n = min(self.max_images or total, total - start)
+            try:
+                out.append(run(slice(start, start + n)))
+                start += n
+                continue
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+            self.max_images = n // 2
+            log.warning("out of memory with %d images per forward; retrying with %d", n, self.max_images)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return out

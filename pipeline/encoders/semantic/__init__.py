@@ -19,9 +19,9 @@ from PIL import Image
 from pipeline.encoders import register_encoder
 from pipeline.encoders.common import (
     DEFAULT_CACHE_DIR,
-    MA_AGIQA_PROMPTS,
     VQASCORE_ANSWER,
     VQASCORE_QUESTION,
+    named_prompts,
     single_token_ids,
     torch_dtype,
 )
@@ -55,11 +55,7 @@ ZEROSHOT = ("qalign", "vqascore")
 class SemanticEncoder:
     def __init__(self, cfg: dict[str, Any], profile: str, device: str = "cpu", dtype: str = "float32"):
         compute_dtype = torch_dtype(dtype)
-        prompts = cfg.get("prompts")
-        if not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise ValueError("extract.semantic.prompts must be a non-empty list of non-empty strings")
-        self.prompt_names = list(prompts)
-        self.prompts = [MA_AGIQA_PROMPTS.get(p, p) for p in prompts]
+        self.prompt_names, self.prompts = named_prompts(cfg, "semantic")
         self.template = cfg.get("prompt_template", PROMPT_TEMPLATE)
         chats = [build_prompt(q, self.template) for q in self.prompts]  # refuse a bad template before loading
         self.pooling, self.hidden_layer = cfg.get("pooling", "mean"), int(cfg.get("hidden_layer", -1))

@@ -30,7 +30,6 @@ included).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,10 @@ from torch import Tensor
 from pipeline.encoders import register_encoder
 from pipeline.encoders.common import (
     DEFAULT_CACHE_DIR,
-    MA_AGIQA_PROMPTS,
     VQASCORE_ANSWER,
     VQASCORE_QUESTION,
+    OomBackoff,
+    named_prompts,
     single_token_ids,
     torch_dtype,
 )
@@ -53,7 +53,6 @@ from pipeline.encoders.common import (
 from .loading import load_vlm
 from .tiny import ensure_tiny_checkpoint
 
-log = logging.getLogger(__name__)
 # pooling -> the positions it averages (`last`: the last real token, the one that would be generated from)
 POOLED_POSITIONS = {"mean": "all", "last": "last", "mean_visual": "image", "mean_text": "text"}
 POOLINGS = tuple(POOLED_POSITIONS)
@@ -94,14 +93,10 @@ def pool(h: Tensor, mask: Tensor, visual: Tensor, pooling: str) -> Tensor:
 
 
 @register_encoder("vlm")
-class VlmEncoder:
+class VlmEncoder(OomBackoff):
     def __init__(self, cfg: dict[str, Any], profile: str, device: str = "cpu", dtype: str = "float32"):
         compute_dtype = torch_dtype(dtype)
-        prompts = cfg.get("prompts")
-        if not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise ValueError("extract.vlm.prompts must be a non-empty list of non-empty strings")
-        self.prompt_names = list(prompts)
-        self.prompts = [MA_AGIQA_PROMPTS.get(p, p) for p in prompts]
+        self.prompt_names, self.prompts = named_prompts(cfg, "vlm")
         self.pooling, self.hidden_layer = cfg.get("pooling", "mean"), int(cfg.get("hidden_layer", -1))
         if self.pooling not in POOLINGS:
             raise ValueError(
@@ -151,7 +146,6 @@ class VlmEncoder:
         self.yes_word = VQASCORE_ANSWER[0] if profile == "demo" else VQASCORE_ANSWER
         if self.zeroshot:
             self.yes_id = single_token_ids(self.processor.tokenizer, [self.yes_word])[0]
-        self.max_images: int | None = None  # lowered after a CUDA out-of-memory error
 
     def _render(self, question: str) -> str:
         """The processor's chat template: one user turn, image then question, and the generation prompt."""
@@ -239,21 +233,7 @@ class VlmEncoder:
     @torch.inference_mode()
     def features(self, images: list[Image.Image]) -> Tensor:
         """(B, n_prompts, hidden) float32 features; after an out-of-memory error, fewer images per forward."""
-        out, start = [], 0
-        while start < len(images):
-            n = min(self.max_images or len(images), len(images) - start)
-            try:
-                out.append(self._forward(images[start : start + n]))
-                start += n
-                continue
-            except torch.OutOfMemoryError:
-                if n == 1:
-                    raise
-            self.max_images = n // 2
-            log.warning("out of memory with %d images per forward; retrying with %d", n, self.max_images)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        return torch.cat(out)
+        return torch.cat(self._chunks(len(images), lambda s: self._forward(images[s])))
 
     def _forward(self, images: list[Image.Image]) -> Tensor:
         p = len(self.texts)

@@ -9,8 +9,6 @@ tokens, and a chat template shaped like the family's released one.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from pipeline.encoders.common import state_digest
+from pipeline.encoders.common import publish_dir, state_digest
 
 TEXT = {  # every family's language model: 2 layers, width 32, grouped-query attention
     "hidden_size": 32,
@@ -245,18 +243,9 @@ def ensure_tiny_checkpoint(cache_root: Path, family: str, seed: int) -> Path:
     model, processor = tiny_vlm(family, seed)
     digest = state_digest(model.state_dict())
     directory = Path(cache_root) / f"vlm-tiny-{family}-seed{seed}-{digest[:12]}"
-    if directory.is_dir():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory.parent))
-    try:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        staging.chmod(0o755)
-        staging.rename(directory)
-    except OSError:
-        if not directory.is_dir():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    return publish_dir(directory, write)

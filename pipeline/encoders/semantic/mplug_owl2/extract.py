@@ -17,20 +17,18 @@ less work:
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from pipeline.encoders.common import OomBackoff
+
 from .model import IMAGE_TOKEN_INDEX, KV, MplugOwl2
 
-log = logging.getLogger(__name__)
 POOLINGS = ("mean", "last", "mean_visual", "mean_text")
-T = TypeVar("T")
 
 
 @dataclass
@@ -103,30 +101,7 @@ def decode_rows(
     return h, real, visual
 
 
-class Chunked:
-    """Runs a batch in slices of at most `max_images`, halving that after a CUDA out-of-memory error."""
-
-    max_images: int | None = None  # lowered after a CUDA out-of-memory error
-
-    def _chunks(self, total: int, run: Callable[[slice], T]) -> list[T]:
-        out, start = [], 0
-        while start < total:
-            n = min(self.max_images or total, total - start)
-            try:
-                out.append(run(slice(start, start + n)))
-                start += n
-                continue
-            except torch.OutOfMemoryError:
-                if n == 1:
-                    raise
-            self.max_images = n // 2
-            log.warning("out of memory with %d images per forward; retrying with %d", n, self.max_images)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        return out
-
-
-class SemanticExtractor(Chunked):
+class SemanticExtractor(OomBackoff):
     """`extractor(pixels (B, 3, H, W)) -> (B, P, C)` float32 features, one per prompt, on the model's device.
 
     `prompt_ids` are token id lists with exactly one IMAGE_TOKEN_INDEX (see `processing.tokenize_prompt`).

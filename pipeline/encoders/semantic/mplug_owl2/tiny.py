@@ -7,15 +7,13 @@ one `.bin` shard per decoder layer, a tokenizer directory) and read it back thro
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.encoders.common import state_digest
+from pipeline.encoders.common import publish_dir, state_digest
 
 from .checkpoint import save_checkpoint
 from .config import AbstractorConfig, MplugOwl2Config, VisionConfig
@@ -86,18 +84,9 @@ def ensure_tiny_checkpoint(cache_root: Path, seed: int) -> Path:
     model = tiny_model(seed)
     digest = state_digest(model.state_dict())
     directory = Path(cache_root) / f"mplug-owl2-tiny-seed{seed}-{digest[:12]}"
-    if directory.is_dir():
-        return directory
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=directory.parent))
-    try:
-        save_checkpoint(model, staging)
-        byte_tokenizer().save_pretrained(staging)
-        staging.chmod(0o755)
-        staging.rename(directory)
-    except OSError:
-        if not directory.is_dir():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+
+    def write(folder: Path) -> None:
+        save_checkpoint(model, folder)
+        byte_tokenizer().save_pretrained(folder)
+
+    return publish_dir(directory, write)

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.encoders.common import VQASCORE_QUESTION
+from pipeline.encoders.common import VQASCORE_QUESTION, OomBackoff
 
-from .extract import Chunked, Prefixes, SemanticExtractor, decode_rows, run_prefixes, split_prompt
+from .extract import Prefixes, SemanticExtractor, decode_rows, run_prefixes, split_prompt
 from .model import MplugOwl2
 from .processing import build_prompt, tokenize_prompt
 
@@ -69,7 +69,7 @@ def qalign_score(log_probs: Tensor, weights: Sequence[float] = RATING_WEIGHTS) -
     return log_probs.float().softmax(-1) @ torch.tensor(weights, dtype=torch.float32, device=log_probs.device)
 
 
-class AnswerLogits(Chunked):
+class AnswerLogits(OomBackoff):
     """Next-token logits at the last position of prompts that each hold one image, batched.
 
     Prefix keys/values are computed for the distinct texts before the image of a call and kept for as
@@ -154,7 +154,7 @@ class VQAScorer(AnswerLogits):
         return F.softmax(self.logits(images, prompt_ids), dim=-1)[:, self.answer_id]
 
 
-class SharedPass(Chunked):
+class SharedPass(OomBackoff):
     """Vision tower and abstractor ONCE per image, then any of: semantic features, Q-Align, VQAScore.
 
     `shared(pixels, prompt_ids)` -> {"features": (B, P, C), "qalign": (B, 5), "vqascore": (B,)}, the keys of
