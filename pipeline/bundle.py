@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from pipeline.provenance import built_beside
 from pipeline.runs import TrainedRun
 
 TOWER_FILE = "image_tower.safetensors"
@@ -121,25 +122,21 @@ def model_card(run: TrainedRun, metrics: dict[str, Any] | None) -> str:
 def export_bundle(run_dir: Path, out: Path, metrics: dict[str, Any] | None = None) -> Path:
     """Write the bundle of ``run_dir`` to ``out`` (built beside it, renamed when complete)."""
     run = TrainedRun.load(run_dir)
-    building = out.with_name(out.name + ".partial")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
     record = json.loads(json.dumps(run.record))
-    for split in record["splits"]:
-        shutil.copyfile(run.root / split["weights"], building / split["weights"])
-    clip_spec = record["head"].get("clip_model") or {}
-    if clip_spec.get("image_tower"):
-        shutil.copyfile(run.resolve(clip_spec["image_tower"]), building / TOWER_FILE)
-        clip_spec["image_tower"] = TOWER_FILE
-    record["exported"] = {
-        "from": str(run_dir),
-        "git_revision": git_revision(Path(run_dir).resolve().parent),
-        "params_sha256": params_sha256(record.get("params", {})),
-    }
-    (building / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-    (building / "README.md").write_text(model_card(run, metrics))
-    shutil.rmtree(out, ignore_errors=True)
-    building.replace(out)
+    with built_beside(out) as building:
+        for split in record["splits"]:
+            shutil.copyfile(run.root / split["weights"], building / split["weights"])
+        clip_spec = record["head"].get("clip_model") or {}
+        if clip_spec.get("image_tower"):
+            shutil.copyfile(run.resolve(clip_spec["image_tower"]), building / TOWER_FILE)
+            clip_spec["image_tower"] = TOWER_FILE
+        record["exported"] = {
+            "from": str(run_dir),
+            "git_revision": git_revision(Path(run_dir).resolve().parent),
+            "params_sha256": params_sha256(record.get("params", {})),
+        }
+        (building / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        (building / "README.md").write_text(model_card(run, metrics))
     return out
 
 

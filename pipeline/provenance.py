@@ -5,16 +5,21 @@ other code, or another torch, can give other numbers. ``code_identity`` adds a d
 source files this process has imported (the modules under ``pipeline/`` and ``stages/``, which are
 exactly the code deps its DVC stage declares, as tests/test_pipeline_e2e.py checks), the versions of
 the numeric libraries, and the kind of device. A scratch file or checkpoint written by other code is
-then set aside instead of being resumed into a store that mixes two versions.
+then set aside instead of being resumed into a store that mixes two versions. Output folders (run
+folders, manifests, bundles) are built beside their place and renamed onto it (``built_beside``), so a
+failed write never leaves one that looks complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -82,3 +87,15 @@ def set_aside(path: Path, why: str) -> Path:
     os.replace(path, aside)
     warnings.warn(f"set {path} aside as {aside.name}: {why}", stacklevel=3)
     return aside
+
+
+@contextmanager
+def built_beside(out: Path) -> Iterator[Path]:
+    """A fresh ``<out>.partial`` folder to write an output folder into; renamed onto ``out`` when the
+    block ends normally. After an error ``out`` is as it was and nothing at ``out`` looks complete."""
+    building = out.with_name(out.name + ".partial")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    yield building
+    shutil.rmtree(out, ignore_errors=True)
+    building.replace(out)

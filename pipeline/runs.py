@@ -24,9 +24,12 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FORMAT = "agiqa-run/1"
 RECORD_FILES = ("run.json", "config.json")  # a run folder's record, a bundle's record
@@ -81,6 +84,22 @@ def split_entry(weights: dict[str, str], offset: np.ndarray, scale: np.ndarray) 
         "offset": [float(v) for v in np.asarray(offset, np.float32)],
         "scale": [float(v) for v in np.asarray(scale, np.float32)],
     }
+
+
+def prediction_frame(
+    manifest: pd.DataFrame, k: int, part: str, rows: np.ndarray, preds: dict[str, np.ndarray]
+) -> pd.DataFrame:
+    """The predictions.csv rows of split ``k``'s ``part``: image ids, and per output its target (the
+    manifest's MOS) and prediction, for manifest ``rows``."""
+    import pandas as pd
+
+    from pipeline.train import TARGETS
+
+    frame = pd.DataFrame({"split": k, "part": part, "image_id": manifest["image_id"].to_numpy()[rows]})
+    for output, values in preds.items():
+        frame[f"target_{output}"] = manifest[TARGETS[output]].to_numpy()[rows]
+        frame[f"pred_{output}"] = values
+    return frame
 
 
 @dataclass

@@ -151,18 +151,14 @@ class Scorer:
         local = Path(path_or_id)
         if local.is_dir():
             return cls(TrainedRun.load(local), source=str(local), **kwargs)
-        if local.suffix or str(path_or_id).count("/") != 1:
-            raise FileNotFoundError(
-                f"{path_or_id}: no such run folder or bundle (nor a hub repo id org/name)"
-            )
-        from huggingface_hub import snapshot_download
+        from pipeline.encoders.common import CheckpointError, hub_snapshot
 
         try:
-            folder = snapshot_download(str(path_or_id), revision=revision)
-        except Exception as err:  # offline without a cached copy, unknown repo, no access: all say the same
+            folder, _ = hub_snapshot(str(path_or_id), revision)
+        except CheckpointError as err:  # not a folder, not a repo id, or the hub cannot provide it offline
             raise FileNotFoundError(
                 f"{path_or_id}: not a local run or bundle folder, and the Hugging Face Hub could not provide "
-                f"it at revision {revision or 'main'} ({type(err).__name__}: {err})"
+                f"it at revision {revision or 'main'} ({err})"
             ) from err
         source = f"{path_or_id}@{revision}" if revision else str(path_or_id)
         return cls(TrainedRun.load(folder), source=source, **kwargs)

@@ -8,10 +8,6 @@ not results, so changing it must not invalidate GPU-hours of cached features.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from pipeline import params
@@ -22,18 +18,6 @@ def read_params(templates: tuple[str, ...], **fmt: str) -> dict[str, Any]:
     keys = [t.format(**fmt) for t in templates]
     values = params.load(*keys)
     return {t: values[k] for t, k in zip(templates, keys, strict=True)}
-
-
-@contextmanager
-def built_beside(out: Path) -> Iterator[Path]:
-    """A fresh ``<out>.partial`` folder to write an output folder into; renamed onto ``out`` when the
-    block ends normally. After an error ``out`` is as it was and nothing at ``out`` looks complete."""
-    building = out.with_name(out.name + ".partial")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    yield building
-    shutil.rmtree(out, ignore_errors=True)
-    building.replace(out)
 
 
 def runtime() -> dict[str, Any]:

@@ -32,10 +32,9 @@ import typer
 from pipeline.data import manifest_hash
 from pipeline.evaluation import bootstrap_config, evaluate_run, write_tables
 from pipeline.features import Features
-from pipeline.runs import TrainedRun
+from pipeline.runs import TrainedRun, prediction_frame
 from pipeline.splits import read_splits
 from pipeline.store import FeatureStore
-from pipeline.train import TARGETS
 from stages import read_manifest, read_params, resolve_device, runtime
 
 PARAMS = ("cross.runs", "evaluate")
@@ -115,11 +114,8 @@ def cross_run(
     for k, split in enumerate(splits["splits"]):
         rows = index.loc[split["test"]].to_numpy()
         pred = run.predictor(k, prompts, device)(features, rows)
-        frame = pd.DataFrame({"split": k, "part": "test", "image_id": manifest["image_id"].to_numpy()[rows]})
-        for j, output in enumerate(run.outputs):
-            frame[f"target_{output}"] = manifest[TARGETS[output]].to_numpy()[rows]
-            frame[f"pred_{output}"] = pred[:, j]
-        frames.append(frame)
+        outputs = {output: pred[:, j] for j, output in enumerate(run.outputs)}
+        frames.append(prediction_frame(manifest, k, "test", rows, outputs))
     out.mkdir(parents=True, exist_ok=True)
     pd.concat(frames).to_csv(out / "predictions.csv", index=False)
     record = {k: v for k, v in run.record.items() if k not in ("splits", "protocol_params", "protocol_hash")}

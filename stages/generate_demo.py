@@ -12,7 +12,8 @@ from pathlib import Path
 import typer
 
 from pipeline.data.demo import generate_demo
-from stages import built_beside, read_params
+from pipeline.provenance import built_beside
+from stages import read_params
 
 PARAMS = ("data.demo.generate",)
 

@@ -18,7 +18,8 @@ import typer
 
 from pipeline.data import check_images, load_labels
 from pipeline.data.labels import DATASET_GUIDES
-from stages import built_beside, read_params
+from pipeline.provenance import built_beside
+from stages import read_params
 
 PARAMS = ("data.{dataset}",)
 RAW = Path("data/raw")

@@ -20,11 +20,12 @@ import typer
 from pipeline.data import manifest_hash
 from pipeline.features import Features
 from pipeline.heads import create_head
-from pipeline.runs import FORMAT, save_weights, split_entry
+from pipeline.provenance import built_beside
+from pipeline.runs import FORMAT, prediction_frame, save_weights, split_entry
 from pipeline.splits import read_splits
 from pipeline.store import FeatureStore
-from pipeline.train import TARGETS, Recipe, RunConfig, output_names, train_protocol
-from stages import built_beside, read_manifest, read_params, resolve_device, runtime
+from pipeline.train import Recipe, RunConfig, output_names, train_protocol
+from stages import read_manifest, read_params, resolve_device, runtime
 
 # The params each head family reads: its own sections plus the shared `train` section. MA-AGIQA's
 # ablations have a family (and stage) of their own that reads no fusion.experts or fusion.streams,
@@ -202,8 +203,11 @@ def main(
     def build() -> torch.nn.Module:
         return create_head(name, n_outputs=len(outputs), input_shapes=shapes, **kwargs)
 
-    if list(build().inputs) != inputs:
-        raise ValueError(f"head {name!r} reads {list(build().inputs)}, its family declares {inputs}")
+    head = build()  # one built up front: what it reads and whether it reads prompts
+    if list(head.inputs) != inputs:
+        raise ValueError(f"head {name!r} reads {list(head.inputs)}, its family declares {inputs}")
+    reads_prompts = getattr(head, "prompt_text", None) is not None
+    del head
     prompt_index = manifest["prompt"].map({t: i for i, t in enumerate(prompts)}).to_numpy()
     features = Features(
         stores,
@@ -223,7 +227,6 @@ def main(
             "image_tower": str(tower) if tower is not None else None,
             "image_tower_sha256": stores["clip"].provenance.get("i2p"),
         }
-    reads_prompts = getattr(build(), "prompt_text", None) is not None
     record = {
         "format": FORMAT,
         "dataset": dataset,
@@ -266,13 +269,7 @@ def zeroshot_run(
     for k, split in enumerate(splits["splits"]):
         for part in ("val", "test"):
             rows = index.loc[split.get(part, [])].to_numpy()
-            frame = pd.DataFrame(
-                {"split": k, "part": part, "image_id": manifest["image_id"].to_numpy()[rows]}
-            )
-            for output, values in preds.items():
-                frame[f"target_{output}"] = manifest[TARGETS[output]].to_numpy()[rows]
-                frame[f"pred_{output}"] = values[rows]
-            frames.append(frame)
+            frames.append(prediction_frame(manifest, k, part, rows, {o: v[rows] for o, v in preds.items()}))
     record = {
         "format": FORMAT,
         "dataset": dataset,

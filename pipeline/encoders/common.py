@@ -156,6 +156,30 @@ def adapted_tower(record_dir: Path, encoder: str) -> Path | None:
     return weights
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found or does not match the model: the message names the file or key."""
+
+
+def hub_snapshot(
+    source: str | Path, revision: str | None, patterns: list[str] | None = None, what: str = "checkpoint"
+) -> tuple[Path, str | None]:
+    """A local directory as is (commit None), or a hub repo id fetched with huggingface_hub, or found in its
+    cache (it reads HF_HUB_OFFLINE, HF_HOME, HF_HUB_CACHE and the token itself): (directory, commit).
+    ``patterns``: the files to fetch (all when None); ``what``: the key errors name."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path, None
+    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise CheckpointError(f"{what} {str(source)!r} is neither a local directory nor a hub repo id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        directory = Path(snapshot_download(str(source), revision=revision, allow_patterns=patterns))
+    except Exception as e:  # huggingface_hub raises many types; say what was asked for
+        raise CheckpointError(f"cannot get {what} {source!r} (revision {revision!r}): {e}") from e
+    return directory, directory.name
+
+
 def publish_dir(directory: Path, write: Callable[[Path], None]) -> Path:
     """Create ``directory`` atomically: ``write`` fills a staging folder beside it, which is then renamed,
     so a crash never leaves a half-written folder. A folder that already exists is kept as it is (another

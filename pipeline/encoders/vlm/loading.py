@@ -13,30 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
-from pipeline.encoders.common import combine_digests, tensor_digest
+from pipeline.encoders.common import combine_digests, hub_snapshot, tensor_digest
 
 # What a transformers VLM folder needs; no pickled `.bin` weights and no remote code.
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-
-
-def resolve_checkpoint(source: str | Path, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local folder as is, or a hub repo id fetched (or found in the cache); returns (folder, commit)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path, None
-    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise ValueError(
-            f"extract.vlm.checkpoint {str(source)!r} is neither a local folder nor a hub repo id"
-        )
-    try:
-        folder = Path(snapshot_download(str(source), revision=revision, allow_patterns=HUB_FILES))
-    except Exception as e:  # huggingface_hub raises many types; say what was asked for
-        raise ValueError(f"cannot get extract.vlm.checkpoint {source!r} (revision {revision!r}): {e}") from e
-    return folder, folder.name
 
 
 def weights_digest(folder: Path) -> str:
@@ -55,7 +38,7 @@ def load_vlm(
     source: str | Path, revision: str | None, dtype: torch.dtype, device: str
 ) -> tuple[PreTrainedModel, ProcessorMixin, dict[str, Any]]:
     """(model in eval mode on `device`, processor padding on the right, provenance of the weights)."""
-    folder, commit = resolve_checkpoint(source, revision)
+    folder, commit = hub_snapshot(source, revision, HUB_FILES, what="extract.vlm.checkpoint")
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device).eval()
     model.requires_grad_(False)

@@ -14,11 +14,10 @@ import json
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pipeline.encoders.common import combine_digests, tensor_digest
+from pipeline.encoders.common import CheckpointError, combine_digests, hub_snapshot, tensor_digest
 
 from .config import MplugOwl2Config
 from .model import MplugOwl2
@@ -27,34 +26,16 @@ SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found or does not match the model: the message names the file or key."""
-
-
 def resolve_checkpoint(source: str | Path, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local directory as is, or a hub repo id fetched with huggingface_hub (or found in its cache).
+    """A local directory as is, or a hub repo id fetched (or found in the cache): (directory, commit).
 
-    Returns the directory and, for hub checkpoints, the commit sha it resolved to. huggingface_hub reads
-    HF_HUB_OFFLINE, HF_HOME, HF_HUB_CACHE and the token itself. Safetensors are preferred; pickled `.bin`
-    shards are fetched only when the repo has no safetensors (as MAGAer13/mplug-owl2-llama2-7b).
+    Safetensors are preferred; pickled `.bin` shards are fetched only when the repo has no safetensors
+    (as MAGAer13/mplug-owl2-llama2-7b).
     """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path, None
-    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise CheckpointError(f"checkpoint {str(source)!r} is neither a local directory nor a hub repo id")
-
-    def fetch(weights: str) -> Path:
-        patterns = ["*.json", "tokenizer.model", weights]
-        return Path(snapshot_download(str(source), revision=revision, allow_patterns=patterns))
-
-    try:
-        directory = fetch("*.safetensors")
-        if not any(directory.glob("*.safetensors")):
-            directory = fetch("*.bin")
-    except Exception as e:  # huggingface_hub raises many types; say what was asked for
-        raise CheckpointError(f"cannot get checkpoint {source!r} (revision {revision!r}): {e}") from e
-    return directory, directory.name
+    directory, commit = hub_snapshot(source, revision, ["*.json", "tokenizer.model", "*.safetensors"])
+    if commit is not None and not any(directory.glob("*.safetensors")):
+        directory, commit = hub_snapshot(source, revision, ["*.json", "tokenizer.model", "*.bin"])
+    return directory, commit
 
 
 def weight_shards(directory: Path) -> tuple[Path, dict[str, list[str] | None]]:
