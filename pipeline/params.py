@@ -142,6 +142,7 @@ SCHEMA = Section(
                 "device": Text(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"),
                 "num_workers": INT0,
                 "chunk_rows": INT1,
+                "processes": INT1,
                 "memory_budget_gb": POSITIVE,
             }
         ),

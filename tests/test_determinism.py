@@ -1,10 +1,10 @@
 """Two demo repros give the same bytes, whatever the `runtime` settings (slow: runs DVC twice).
 
 `runtime` is deliberately not a DVC param: changing it re-runs nothing, so it must not change a
-byte of what a run writes. The second run changes every runtime key at once (batch sizes, chunk
-size, workers, a memory budget so small that stage 2 streams every store), in a second clone; every
-output file of both runs must be byte-identical: manifests and images, splits, HDF5 stores (written
-without timestamps), trained weights, predictions, curves, metrics and the report.
+byte of what a run writes. The second run changes every runtime key at once (chunk size, workers,
+two torchrun ranks per extract stage, a memory budget so small that stage 2 streams every store), in a
+second clone; every output file of both runs must be byte-identical: manifests and images, splits,
+HDF5 stores (written without timestamps), trained weights, predictions, curves, metrics and the report.
 """
 
 from pathlib import Path
@@ -19,6 +19,7 @@ RUNTIME = [
     "runtime.device=cpu",
     "runtime.num_workers=1",
     "runtime.chunk_rows=7",
+    "runtime.processes=2",
     "runtime.memory_budget_gb=0.00005",
 ]
 

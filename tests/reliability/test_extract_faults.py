@@ -1,6 +1,7 @@
 """The real `extract` stage under faults: SIGKILL mid-run, a code change between the kill and the rerun,
-and runtime settings that must change no byte. Each test works in a copy of the project's code with a
-shrunken demo, running `python -m stages.*` as DVC would.
+runtime settings that must change no byte, and sharded runs (torchrun ranks, array tasks, their merge).
+Each test works in a copy of the project's code with a shrunken demo, running `python -m stages.*` as DVC
+would.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from dvc_repo import copy_project
@@ -62,24 +64,24 @@ def project(prepared, tmp_path) -> Path:
     return tmp_path / "project"
 
 
-def _extract(project: Path, out: str) -> list[str]:
+def _extract(project: Path, out: str, encoder: str = "vit") -> list[str]:
     return [
         "stages.extract",
         "demo",
-        "vit",
+        encoder,
         "data/demo/manifest.csv",
         "data/raw/demo",
         out,
         "--i2p",
-        "models/i2p/vit",
+        f"models/i2p/{encoder}",
     ]
 
 
-def _kill_after_commits(project: Path, out: str, rows: int) -> int:
+def _kill_after_commits(project: Path, out: str, rows: int, *options: str) -> int:
     """Run extract, SIGKILL it once ``rows`` rows are committed; return how many were."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", *_extract(project, out)],
+        [sys.executable, "-m", *_extract(project, out), *options],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -161,3 +163,72 @@ def test_two_extracts_on_one_store_never_lose_rows(project):
     with FeatureStore(project / "features/demo/vit.h5") as store:  # refuses an unfinished store
         assert len(store) == N_IMAGES
     assert not list((project / "features/demo").glob("vit.h5.partial*"))
+
+
+def _same_store(a: Path, b: Path) -> None:
+    """Equal array by array and in provenance, and then byte for byte (what DVC's md5 sees)."""
+    with FeatureStore(a) as x, FeatureStore(b) as y:
+        assert x.provenance == y.provenance
+        assert x.ids == y.ids and x.names == y.names and x.extras == y.extras
+        for name in x.names + x.extras:
+            assert np.array_equal(x.read_all(name), y.read_all(name)), name
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "runtime.processes"])
+def test_two_torchrun_ranks_give_the_single_process_store(project, launch):
+    """vit under a torchrun you launch; clip (per-prompt extras) under the one the stage launches."""
+    encoder = "vit" if launch == "torchrun" else "clip"
+    _stage(project, *_extract(project, "features/demo/single.h5", encoder))
+    out = _extract(project, f"features/demo/{encoder}.h5", encoder)
+    if launch == "torchrun":
+        ranks = _stage(project, "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", *out)
+    else:
+        _set_runtime(project, processes=2)
+        ranks = _stage(project, *out)
+    assert (
+        "shard 0/2 computed 6 of 6 rows" in ranks.stdout and "shard 1/2 computed 6 of 6 rows" in ranks.stdout
+    )
+    assert "merged 2 shards" in ranks.stdout
+    _same_store(project / f"features/demo/{encoder}.h5", project / "features/demo/single.h5")
+    assert not (project / f"features/demo/{encoder}.h5.shards").exists()
+
+
+def test_a_killed_shard_resumes_alone_and_the_merge_gives_the_single_process_store(project):
+    out = "features/demo/vit.h5"
+    shard = _stage(project, *_extract(project, out), "--shard", "0/3")  # 12 rows, batches of 2: 4 rows each
+    assert "shard 0/3 computed 4 of 4 rows" in shard.stdout
+    assert _kill_after_commits(project, out, 2, "--shard", "1/3") == 2
+    early = _stage(project, *_extract(project, out), check=False)
+    assert early.returncode != 0
+    assert "00001-of-00003.h5 (unfinished)" in early.stderr and "00002-of-00003.h5 (missing)" in early.stderr
+    assert (
+        "shard 1/3 computed 2 of 4 rows" in _stage(project, *_extract(project, out), "--shard", "1/3").stdout
+    )
+    assert (
+        "shard 0/3 computed 0 of 4 rows" in _stage(project, *_extract(project, out), "--shard", "0/3").stdout
+    )
+    _stage(project, *_extract(project, out), "--shard", "2/3")
+    assert "merged 3 shards" in _stage(project, *_extract(project, out)).stdout
+    _stage(project, *_extract(project, "features/demo/single.h5"))
+    _same_store(project / out, project / "features/demo/single.h5")
+
+
+@pytest.mark.parametrize("change", ["code", "params"])
+def test_a_merge_refuses_a_stale_shard(project, change):
+    out = "features/demo/vit.h5"
+    for spec in ("0/2", "1/2"):
+        _stage(project, *_extract(project, out), "--shard", spec)
+    if change == "code":
+        edited = project / "pipeline/encoders/vit/__init__.py"
+        edited.write_text(edited.read_text() + "\n# a fix\n")
+        reason = "changed since: pipeline/encoders/vit/__init__.py"
+    else:
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["extract"]["vit"]["blocks"] = [6, 7]
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        reason = "config is"
+    merge = _stage(project, *_extract(project, out), check=False)
+    assert merge.returncode != 0
+    assert "00000-of-00002.h5: stale shard" in merge.stderr and reason in merge.stderr
+    assert not (project / out).exists() and (project / "features/demo/vit.h5.shards").is_dir()
