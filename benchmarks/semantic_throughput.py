@@ -52,8 +52,15 @@ PROMPT_LAYOUT = ((24, 6), (29, 6))  # (ids before the placeholder, ids after it)
 
 def build_model(size: str, device: str, dtype: torch.dtype, seed: int = 0) -> MplugOwl2:
     """The `size` architecture with random weights (and an lm_head, which the reference style runs)."""
+    return build_model_from_config(SIZES[size], device, dtype, seed)
+
+
+def build_model_from_config(
+    cfg: MplugOwl2Config, device: str, dtype: torch.dtype, seed: int = 0
+) -> MplugOwl2:
+    """`cfg` with random weights and an lm_head, allocated straight on `device` (meta, then `to_empty`)."""
     with torch.device("meta"):
-        model = MplugOwl2(SIZES[size], lm_head=True).to(dtype)
+        model = MplugOwl2(cfg, lm_head=True).to(dtype)
     if torch.device(device).type != "meta":
         # std 0.02 (transformers' initializer_range) keeps the 7B's attention from saturating in bf16
         model = randomize_(model.to_empty(device=device), seed, std=0.02)

@@ -47,7 +47,7 @@ def images(n: int) -> list[Image.Image]:
 
 
 def vlm_batching(cfg: dict, family: str, n: int, batch: int, repeats: int) -> dict:
-    cfg = {**cfg, "demo": {**cfg["demo"], "family": family}}
+    cfg = {**cfg, "zeroshot": [], "demo": {**cfg["demo"], "family": family}}  # features alone
     batched = create_encoder("vlm", cfg, "demo")
     single = [create_encoder("vlm", {**cfg, "prompts": [p]}, "demo") for p in cfg["prompts"]]
     pixels = torch.stack([batched.preprocess(im) for im in images(n)])
@@ -103,8 +103,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    extract = yaml.safe_load((ROOT / "params.yaml").read_text())["extract"]
-    v = vlm_batching(extract["vlm"], args.family, args.images, args.batch, args.repeats)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    extract = params["extract"]
+    v = vlm_batching(extract[params["vlms"][0]], args.family, args.images, args.batch, args.repeats)
     print(
         f"vlm ({args.family}, {args.images} images x 2 prompts): batched {v['batched_s']:.2f} s, "
         f"one call per image and prompt {v['single_s']:.2f} s: {v['ratio']:.2f}x (target 1.8), "

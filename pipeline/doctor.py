@@ -67,30 +67,29 @@ def resolved_dtype(params: dict[str, Any], profile: str) -> str:
     return AUTO_DTYPE[profile] if name == "auto" else name
 
 
-def required_gpu_gib(encoders: list[str], dtype: str, vlm_params: float = SEMANTIC_PARAMS) -> float:
+def required_gpu_gib(encoders: list[str], dtype: str, vlm_params: list[float] = ()) -> float:
     """GPU memory (GiB) that stage 1 of the paper profile needs: the largest encoder's weights in the
     compute dtype plus activations. bfloat16: 8.07e9 x 2 B = 15.0 GiB + 2.5 = 17.5 GiB. ``vlm_params``:
-    the transformers VLM's parameter count (``vlm_parameters``)."""
-    large = [n for e, n in (("semantic", SEMANTIC_PARAMS), ("vlm", vlm_params)) if e in encoders]
+    the parameter count of each ``vlms`` entry (``vlm_parameters``)."""
+    large = [SEMANTIC_PARAMS] * ("semantic" in encoders) + list(vlm_params)
     if large:
         return max(large) * DTYPE_BYTES[dtype] / GIB + ACTIVATION_HEADROOM_GIB
     return SMALL_ENCODER_GIB
 
 
-def _cached_json(extract: dict[str, Any], filename: str) -> dict[str, Any] | None:
-    """A json file of the ``extract.vlm`` checkpoint from the hub cache (or its local folder), else None."""
+def _cached_json(cfg: dict[str, Any], filename: str) -> dict[str, Any] | None:
+    """A json file of a ``vlms`` entry's checkpoint from the hub cache (or its local folder), else None."""
     import json
 
-    cfg = extract["vlm"]
     local = Path(cfg["checkpoint"]).expanduser() / filename
     found = local if local.is_file() else cached_file(cfg["checkpoint"], cfg["revision"], (filename,))
     return json.loads(found.read_text()) if found is not None else None
 
 
-def vlm_parameters(extract: dict[str, Any]) -> float:
-    """The VLM's parameter count from its cached safetensors index (bytes / 2: hub VLMs ship bf16 or
-    fp16 shards); a 7B-class count when the index is not cached."""
-    index = _cached_json(extract, "model.safetensors.index.json")
+def vlm_parameters(cfg: dict[str, Any]) -> float:
+    """A ``vlms`` entry's parameter count from its cached safetensors index (bytes / 2: hub VLMs ship
+    bf16 or fp16 shards); a 7B-class count when the index is not cached."""
+    index = _cached_json(cfg, "model.safetensors.index.json")
     total = (index or {}).get("metadata", {}).get("total_size")
     return total / 2 if total else SEMANTIC_PARAMS
 
@@ -109,9 +108,9 @@ def check_gpu(params: dict[str, Any], profile: str) -> Check:
     import torch
 
     dtype = resolved_dtype(params, profile)
-    vlm = vlm_parameters(params["extract"]) if "vlm" in params["encoders"] else SEMANTIC_PARAMS
-    need = required_gpu_gib(params["encoders"], dtype, vlm)
-    why = f"{need:.1f} GiB ({', '.join(params['encoders'])} in {dtype})"
+    vlms = params.get("vlms", [])
+    need = required_gpu_gib(params["encoders"], dtype, [vlm_parameters(params["extract"][n]) for n in vlms])
+    why = f"{need:.1f} GiB ({', '.join([*params['encoders'], *vlms])} in {dtype})"
     device = params["runtime"]["device"]
     if device == "cpu":
         detail = f"runtime.device is cpu: stage 1 of the paper profile needs a GPU with >= {why}"
@@ -138,12 +137,13 @@ def check_gpu(params: dict[str, Any], profile: str) -> Check:
     return Check("gpu", OK, seen)
 
 
-def store_bytes(encoder: str, extract: dict[str, Any]) -> int:
+def store_bytes(encoder: str, extract: dict[str, Any], kind: str | None = None) -> int:
     """Bytes per image of an encoder's paper-profile store, from the ``extract`` params section.
 
     vit: (img_size / patch)^2 tokens x len(blocks) x width per view in ``views`` (784 x 3072 x 2 B at
     224 px, 4 blocks); clip: channels x (img_size / stride)^2 (2048 x 16 x 16 at 512 px); semantic:
-    len(prompts) x 4096. A model without a known size raises ValueError naming the key.
+    len(prompts) x 4096; a ``vlms`` entry (``kind="vlm"``): len(prompts) x its hidden size. A model
+    without a known size raises ValueError naming the key.
     """
     if encoder == "vit":
         cfg = extract["vit"]
@@ -163,15 +163,15 @@ def store_bytes(encoder: str, extract: dict[str, Any]) -> int:
         return channels * (cfg["img_size"] // stride) ** 2 * FLOAT16_BYTES
     if encoder == "semantic":
         return len(extract["semantic"]["prompts"]) * SEMANTIC_HIDDEN * FLOAT16_BYTES
-    if encoder == "vlm":
-        config = _cached_json(extract, "config.json")
+    if kind == "vlm":
+        config = _cached_json(extract[encoder], "config.json")
         hidden = config and (config.get("text_config", {}).get("hidden_size") or config.get("hidden_size"))
         if not hidden:
             raise ValueError(
-                f"extract.vlm: the hidden size of {extract['vlm']['checkpoint']} is read from its "
+                f"extract.{encoder}: the hidden size of {extract[encoder]['checkpoint']} is read from its "
                 "config.json, which is not cached"
             )
-        return len(extract["vlm"]["prompts"]) * hidden * FLOAT16_BYTES
+        return len(extract[encoder]["prompts"]) * hidden * FLOAT16_BYTES
     raise ValueError(f"encoder {encoder!r}: no store size known")
 
 
@@ -233,9 +233,10 @@ def check_dataset(name: str, params: dict[str, Any], root: Path) -> tuple[Check,
 def check_stores(name: str, params: dict[str, Any], counted: Counted) -> tuple[Check, int]:
     """Size of the stores ``features/<name>/<encoder>.h5`` that stage 1 writes, per encoder."""
     parts, total, unknown = [], 0, []
-    for encoder in params["encoders"]:
+    kinds = {**{e: e for e in params["encoders"]}, **{n: "vlm" for n in params.get("vlms", [])}}
+    for encoder, kind in kinds.items():
         try:
-            size = counted.images * store_bytes(encoder, params["extract"])
+            size = counted.images * store_bytes(encoder, params["extract"], kind)
             size += counted.prompts * prompt_bytes(encoder, params["extract"])
         except ValueError as err:
             parts.append(f"{encoder} ?")
@@ -252,31 +253,42 @@ def check_stores(name: str, params: dict[str, Any], counted: Counted) -> tuple[C
     return Check(f"stores {name}", OK, detail), total
 
 
-def check_disk(root: Path, needed: int) -> Check:
-    """Free space where ``features/`` lives (or its nearest existing parent) against the stores.
+def cache_copies(root: Path) -> int:
+    """How many times a store sits on disk: 1 with the project's link cache (``cache.type`` without
+    ``copy``, in .dvc/config or config.local), 2 where DVC may copy outputs into .dvc/cache (its default
+    ``reflink,copy`` copies on ext4)."""
+    import configparser
 
-    DVC keeps a second copy of every output in .dvc/cache (cache.type reflink,copy is a copy on
-    ext4), so less than twice the stores is a WARN: stage 1 writes them, then ``dvc commit`` fails.
+    config = configparser.ConfigParser()
+    config.read([root / ".dvc" / "config", root / ".dvc" / "config.local"])
+    types = config.get("cache", "type", fallback="reflink,copy")
+    return 2 if "copy" in {t.strip() for t in types.split(",")} else 1
+
+
+def check_disk(root: Path, needed: int) -> Check:
+    """Free space where ``features/`` lives (or its nearest existing parent) against the stores, counted
+    twice when DVC's cache copies them (``cache_copies``): stage 1 writes them, then ``dvc commit`` fails.
     """
     where = root / FEATURES
     while not where.exists():
         where = where.parent
-    free = shutil.disk_usage(where).free
-    detail = f"{_size(free)} free at {where}; stores {_size(needed)}, x2 with the DVC cache copy"
+    free, copies = shutil.disk_usage(where).free, cache_copies(root)
+    held = "x2 with the DVC cache copy" if copies == 2 else "held once (link-type DVC cache)"
+    detail = f"{_size(free)} free at {where}; stores {_size(needed)}, {held}"
     if free < needed:
         return Check(
             "disk",
             MISSING,
             detail,
-            f"make {_size(needed * 2 - free)} more room at {where} (or put features/ and .dvc/cache on "
+            f"make {_size(needed * copies - free)} more room at {where} (or put features/ and .dvc/cache on "
             "a larger disk)",
         )
-    if free < 2 * needed:
+    if free < copies * needed:
         return Check(
             "disk",
             WARN,
             detail,
-            f"make {_size(needed * 2 - free)} more room at {where} for the DVC cache copy",
+            f"make {_size(needed * copies - free)} more room at {where} for the DVC cache copy",
         )
     return Check("disk", OK, detail)
 
@@ -305,7 +317,7 @@ def cached_file(repo: str, revision: str, filenames: tuple[str, ...]) -> Path | 
 
 
 def check_semantic_weights(extract: dict[str, Any], root: Path, encoder: str = "semantic") -> Check:
-    """mPLUG-Owl2 (``semantic``) or a transformers VLM (``vlm``) at ``extract.<encoder>.checkpoint`` /
+    """mPLUG-Owl2 (``semantic``) or a ``vlms`` entry at ``extract.<encoder>.checkpoint`` /
     ``revision``: a local folder, or config.json, the tokenizer (mPLUG-Owl2's tokenizer.model) and every
     weight shard its index names in the hub cache."""
     import json
@@ -414,11 +426,11 @@ def check_weights(params: dict[str, Any], profile: str, root: Path) -> list[Chec
         return [Check("weights", OK, "not needed by the demo (random encoders built from seeds)")]
     checks = {
         "semantic": lambda: check_semantic_weights(params["extract"], root),
-        "vlm": lambda: check_semantic_weights(params["extract"], root, "vlm"),
         "vit": lambda: check_library_weights("vit", params["extract"]),
         "clip": lambda: check_library_weights("clip", params["extract"]),
     }
-    return [checks[e]() for e in params["encoders"] if e in checks]
+    vlms = [check_semantic_weights(params["extract"], root, name) for name in params.get("vlms", [])]
+    return [checks[e]() for e in params["encoders"] if e in checks] + vlms
 
 
 def run_checks(params: dict[str, Any], profile: str, datasets: list[str], root: Path) -> list[Check]:

@@ -82,10 +82,12 @@ class Many:
 
 @dataclass(frozen=True)
 class Section:
-    """A mapping with these keys (those in ``optional`` may be absent)."""
+    """A mapping with these keys (those in ``optional`` may be absent); with ``named``, any other key is
+    a named entry checked against it (which names may appear is a rule between keys, ``_relations``)."""
 
     keys: dict
     optional: frozenset = frozenset()
+    named: Any = None
 
 
 @dataclass(frozen=True)
@@ -132,11 +134,26 @@ DATASET = Section(
     },
     frozenset({"on_bad_image", "options", "generate"}),
 )
+# A transformers image-text-to-text entry: extract.<name> for each name in `vlms`.
+VLM = Section(
+    {
+        "checkpoint": ANY_TEXT,
+        "revision": ANY_TEXT,
+        "prompts": Many(Text(r".*\S.*", "a non-blank prompt")),
+        "pooling": One(("mean", "last", "mean_visual", "mean_text")),
+        "hidden_layer": Num(),
+        "max_side": INT1,
+        "zeroshot": Many(One(("vqascore",)), min_len=0),
+        "demo": MapOf(None),
+    },
+    frozenset({"zeroshot"}),
+)
 SCHEMA = Section(
     {
         "profile": One(("demo", "paper")),
         "datasets": Many(NAME),
         "encoders": Many("encoder"),
+        "vlms": Many(NAME, min_len=0),
         "runtime": Section(
             {
                 "device": Text(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"),
@@ -189,20 +206,8 @@ SCHEMA = Section(
                     },
                     frozenset({"prompt_template", "zeroshot", "qalign_prompt"}),
                 ),
-                "vlm": Section(
-                    {
-                        "checkpoint": ANY_TEXT,
-                        "revision": ANY_TEXT,
-                        "prompts": Many(Text(r".*\S.*", "a non-blank prompt")),
-                        "pooling": One(("mean", "last", "mean_visual", "mean_text")),
-                        "hidden_layer": Num(),
-                        "max_side": INT1,
-                        "zeroshot": Many(One(("vqascore",)), min_len=0),
-                        "demo": MapOf(None),
-                    },
-                    frozenset({"zeroshot"}),
-                ),
-            }
+            },
+            named=VLM,
         ),
         "i2p": Section(
             {
@@ -235,7 +240,7 @@ SCHEMA = Section(
         ),
         "probe": Section(
             {
-                "encoders": Many("encoder"),
+                "encoders": Many(NAME),
                 "outputs": OUTPUTS,
                 "model": Section({"hidden": INT0, "dropout": DROPOUT}),
                 "recipe": RECIPE,
@@ -245,7 +250,7 @@ SCHEMA = Section(
             {
                 "variants": Many("head"),
                 "ablations": Many(One(("maniqa", "semantic_only")), min_len=0),
-                "semantic_encoder": One(PROMPT_FEATURES),
+                "semantic_encoder": NAME,
                 "outputs": OUTPUTS,
                 "maniqa": Section(
                     {
@@ -273,7 +278,7 @@ SCHEMA = Section(
                 "drop": DROPOUT,
             }
         ),
-        "zeroshot": Section({"runs": Many(NAME, min_len=0)}),
+        "zeroshot": Section({"stores": Many(NAME, min_len=0)}),
         "ipiqa": Section(
             {
                 "variants": Many("head"),
@@ -319,7 +324,9 @@ def _check(spec: Any, value: Any, key: str, problems: list[str]) -> None:
             problems.append(f"{key}: expected a section (a mapping), got {value!r}")
             return
         for name in value:
-            if name not in spec.keys:
+            if name not in spec.keys and spec.named is not None:
+                _check(spec.named, value[name], _join(key, name), problems)
+            elif name not in spec.keys:
                 close = get_close_matches(str(name), list(spec.keys), 1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 problems.append(f"{_join(key, name)}: unknown key{hint} (known: {', '.join(spec.keys)})")
@@ -361,20 +368,39 @@ def _join(key: str, name: Any) -> str:
 def _relations(cfg: dict) -> list[str]:
     """Rules between keys, once every key has the right type."""
     problems = [f"datasets: {d!r} has no data.{d} section" for d in cfg["datasets"] if d not in cfg["data"]]
+    stores = [*cfg["encoders"], *cfg["vlms"]]
     problems += [
-        f"probe.encoders: {e!r} is not in encoders {cfg['encoders']}"
-        for e in cfg["probe"]["encoders"]
-        if e not in cfg["encoders"]
+        f"encoders: {n!r} is a kind of named entries: list them in vlms"
+        for n in cfg["encoders"]
+        if n == "vlm"
     ]
-    if (reads := cfg["ma_agiqa"]["semantic_encoder"]) not in cfg["encoders"]:
-        problems.append(f"ma_agiqa.semantic_encoder: {reads!r} is not in encoders {cfg['encoders']}")
-    if cfg["zeroshot"]["runs"] and not (
-        "semantic" in cfg["encoders"] and cfg["extract"]["semantic"].get("zeroshot")
-    ):
+    problems += [f"vlms: {n!r} is also in encoders" for n in cfg["vlms"] if n in cfg["encoders"]]
+    problems += [f"vlms: {n!r} has no extract.{n} section" for n in cfg["vlms"] if n not in cfg["extract"]]
+    problems += [
+        f"extract.{n}: unknown key (neither an encoder's section nor listed in vlms {cfg['vlms']})"
+        for n in cfg["extract"]
+        if n not in SCHEMA.keys["extract"].keys and n not in cfg["vlms"]
+    ]
+    problems += [
+        f"probe.encoders: {e!r} is not in encoders or vlms {stores}"
+        for e in cfg["probe"]["encoders"]
+        if e not in stores
+    ]
+    prompt_stores = [n for n in stores if n in PROMPT_FEATURES or n in cfg["vlms"]]
+    if (reads := cfg["ma_agiqa"]["semantic_encoder"]) not in prompt_stores:
         problems.append(
-            "zeroshot.runs: the zero-shot rows read extract.semantic.zeroshot, which is empty (or semantic "
-            "is not in encoders): list qalign and/or vqascore there, or set zeroshot.runs: []"
+            f"ma_agiqa.semantic_encoder: {reads!r} is not one of the prompt-feature stores {prompt_stores}"
         )
+    for name in cfg["zeroshot"]["stores"]:
+        if name not in prompt_stores:
+            problems.append(
+                f"zeroshot.stores: {name!r} is not one of the prompt-feature stores {prompt_stores}"
+            )
+        elif not cfg["extract"][name].get("zeroshot"):
+            problems.append(
+                f"zeroshot.stores: {name!r} stores no zero-shot scores: list them in extract.{name}.zeroshot "
+                f"(semantic: qalign, vqascore; a vlms entry: vqascore) or drop {name!r} from zeroshot.stores"
+            )
     fusion = cfg["fusion"]
     if fusion["experts"] < len(fusion["streams"]):
         problems.append(

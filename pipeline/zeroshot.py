@@ -1,10 +1,11 @@
-"""Zero-shot rows: the scores stage 1 stored beside the semantic features, as predictions.
+"""Zero-shot rows: the scores stage 1 stored beside a VLM's prompt features, as predictions.
 
-The ``semantic`` encoder with ``extract.semantic.zeroshot`` stores, per image, the log-probabilities of
-Q-Align's five rating words at the answer position (``qalign``) and VQAScore's P("Yes") for the image's
-own prompt (``vqascore``). Nothing is trained: the Q-Align score is the softmax over the five words
-times their weights (5 excellent .. 1 bad, recorded in the store), as Q-Align computes it, and the
-alignment score is P("Yes"). ``evaluate`` then scores them like any head (PLCC after the same logistic).
+With ``extract.<name>.zeroshot``, the ``semantic`` encoder (mPLUG-Owl2) stores per image the
+log-probabilities of Q-Align's five rating words at the answer position (``qalign``) and VQAScore's
+P("Yes") for the image's own prompt (``vqascore``); a transformers-backend entry stores ``vqascore``.
+Nothing is trained: the Q-Align score is the softmax over the five words times their weights
+(5 excellent .. 1 bad, recorded in the store), as Q-Align computes it, and the alignment score is
+P("Yes"). ``evaluate`` then scores them like any head (PLCC after the same logistic).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ OUTPUTS = {"quality": "qalign", "alignment": "vqascore"}  # output -> the store 
 
 
 class NoZeroShot(ValueError):
-    """The semantic store holds no zero-shot outputs."""
+    """The store holds no zero-shot outputs."""
 
 
 def qalign_score(log_probs: np.ndarray, weights: list[float]) -> np.ndarray:
@@ -32,8 +33,8 @@ def zeroshot_predictions(store: FeatureStore, labelled: list[str]) -> dict[str, 
     have = {output: name for output, name in OUTPUTS.items() if name in store.names and output in labelled}
     if not have:
         raise NoZeroShot(
-            f"{store.path} holds no zero-shot outputs for {labelled}: set extract.semantic.zeroshot to "
-            "[qalign, vqascore] (and re-run its extract stage) or remove the zeroshot runs"
+            f"{store.path} holds no zero-shot outputs for {labelled}: list them in extract.<name>.zeroshot "
+            f"(and re-run its extract stage) or drop {store.path.stem!r} from zeroshot.stores"
         )
     preds = {}
     if "quality" in have:

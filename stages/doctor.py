@@ -14,7 +14,7 @@ import typer
 from pipeline import params as params_file
 from pipeline.doctor import MISSING, OK, run_checks
 
-SECTIONS = ("profile", "datasets", "encoders", "runtime", "data", "extract")
+SECTIONS = ("profile", "datasets", "encoders", "vlms", "runtime", "data", "extract")
 STYLES = {OK: "green", "WARN": "yellow", MISSING: "bold red"}
 
 

@@ -24,7 +24,7 @@ PARAMS = (
     "ma_agiqa.variants",
     "ma_agiqa.ablations",
     "ipiqa.variants",
-    "zeroshot.runs",
+    "zeroshot.stores",
     "evaluate",
 )
 PLOTS = ("scatter", "curves", "generators")
@@ -37,7 +37,7 @@ def run_names(p: dict) -> list[str]:
         + list(p["ma_agiqa.variants"])
         + list(p["ma_agiqa.ablations"])
         + list(p["ipiqa.variants"])
-        + list(p["zeroshot.runs"])
+        + [f"zeroshot_{store}" for store in p["zeroshot.stores"]]
     )
 
 

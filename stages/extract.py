@@ -1,5 +1,8 @@
 """Stage `extract@<dataset>-<encoder>`: images -> features/<dataset>/<encoder>.h5 (stage 1, frozen).
 
+``--kind`` builds a named entry (``extract_vlm@<dataset>-<name>``, section ``extract.<name>``) with the
+encoder of that kind; the store records the kind as ``encoder``.
+
 Resumable: rows are committed in chunks to ``<out>.partial``; a killed run loses at most the
 chunk in flight and a rerun computes only the missing chunks. A partial file made with another
 encoder config, manifest, or code (``pipeline.provenance``: the project sources this process runs,
@@ -129,6 +132,10 @@ def main(
     i2p: Annotated[
         Path | None, typer.Option(help="the pretrain_i2p record folder models/i2p/<encoder>")
     ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(help="the encoder kind of a named entry (vlm for a `vlms` name); default: its name"),
+    ] = None,
     shard: Annotated[
         str | None,
         typer.Option(help="compute only shard i/N (0-based) into <out>.shards/, e.g. an array task"),
@@ -162,7 +169,7 @@ def main(
     tower = adapted_tower(i2p, encoder) if i2p is not None else None
     if tower is not None:
         cfg = {**cfg, "image_tower": tower}
-    enc = create_encoder(encoder, cfg, p["profile"], device=device, dtype=p["extract.dtype"])
+    enc = create_encoder(kind or encoder, cfg, p["profile"], device=device, dtype=p["extract.dtype"])
     provenance = {**enc.provenance(), **known, "code": code_identity(device)}
     if part is None:
         todo = compute(enc, out, provenance, (0, len(ids)), manifest, images, rt, batch_size, device)

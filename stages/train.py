@@ -45,7 +45,7 @@ PARAMS = {
         "fusion.drop",
     ),
     "ipiqa": ("train", *(f"ipiqa.{k}" for k in _IPIQA), "profile", "extract.clip"),
-    "zeroshot": (),  # trains nothing: it reads no params, only the semantic store's zero-shot outputs
+    "zeroshot": (),  # trains nothing: it reads no params, only the zero-shot outputs of the store <variant>
 }
 ABLATIONS = ("maniqa", "semantic_only")
 
@@ -93,16 +93,18 @@ def head_config(
     prompts: list[str],
     image_tower: Path | None = None,
     semantic_prompts: list[str] | None = None,
+    per_prompt: bool = False,
 ) -> tuple[str, dict, dict]:
     """(registered head name, builder kwargs, recipe) for a family and variant; ``p`` nested by section.
 
     ``image_tower``: IP-IQA's Image2Prompt-adapted CLIP image tower, whose attnpool the head starts from.
     ``semantic_prompts``: the semantic store's ``prompt_names``, the names of its rows, by which
-    MA-AGIQA binds its streams (never by position).
+    MA-AGIQA binds its streams (never by position). ``per_prompt``: the probe's store holds one vector
+    per named prompt (its provenance lists ``prompt_names``), which the probe concatenates.
     """
     if family == "probe":
         cfg = p["probe"]
-        return "probe", {"encoder": variant, **cfg["model"]}, cfg["recipe"]
+        return "probe", {"encoder": variant, "per_prompt": per_prompt, **cfg["model"]}, cfg["recipe"]
     if family == "ma_agiqa_ablation" and variant not in ABLATIONS:
         raise ValueError(
             f"ma_agiqa.ablations lists {variant!r}, which reads fusion.experts and fusion.streams; "
@@ -174,7 +176,8 @@ def main(
     if family not in PARAMS:
         raise typer.BadParameter(f"unknown family {family!r}; choose from {sorted(PARAMS)}")
     if family == "zeroshot":
-        zeroshot_run(dataset, read_manifest(manifest_path), read_splits(splits_path), features_dir, out_dir)
+        manifest, splits = read_manifest(manifest_path), read_splits(splits_path)
+        zeroshot_run(dataset, manifest, splits, features_dir / f"{variant}.h5", out_dir)
         return
     p = nest(read_params(PARAMS[family]))
     rt = runtime()
@@ -198,7 +201,8 @@ def main(
     if family == "ipiqa":
         check_image_tower(stores["clip"], tower)
     semantic = stores["semantic"].provenance["prompt_names"] if "semantic" in stores else None
-    name, kwargs, recipe = head_config(family, variant, p, prompts, tower, semantic)
+    per_prompt = family == "probe" and "prompt_names" in stores[variant].provenance
+    name, kwargs, recipe = head_config(family, variant, p, prompts, tower, semantic, per_prompt)
 
     def build() -> torch.nn.Module:
         return create_head(name, n_outputs=len(outputs), input_shapes=shapes, **kwargs)
@@ -255,14 +259,12 @@ def main(
     typer.echo(f"{label}: {len(results)} splits, best epochs {record['best_epochs']}")
 
 
-def zeroshot_run(
-    dataset: str, manifest: pd.DataFrame, splits: dict, features_dir: Path, out_dir: Path
-) -> None:
-    """Q-Align and VQAScore predictions on every split's val and test parts, in a run folder's layout
-    (no weights: nothing is trained; ``agiqa score`` refuses it)."""
+def zeroshot_run(dataset: str, manifest: pd.DataFrame, splits: dict, store_path: Path, out_dir: Path) -> None:
+    """Q-Align and VQAScore predictions from the store at ``store_path`` on every split's val and test
+    parts, in a run folder's layout (no weights: nothing is trained; ``agiqa score`` refuses it)."""
     from pipeline.zeroshot import zeroshot_predictions
 
-    store = FeatureStore(features_dir / "semantic.h5", expect={"manifest_hash": manifest_hash(manifest)})
+    store = FeatureStore(store_path, expect={"manifest_hash": manifest_hash(manifest)})
     preds = zeroshot_predictions(store, output_names(manifest, "auto"))
     index = pd.Series(np.arange(len(manifest)), index=manifest["image_id"])
     frames = []
@@ -287,7 +289,7 @@ def zeroshot_run(
         "protocol_params": splits["params"],
         "protocol_hash": splits["hash"],
         "best_epochs": [None] * len(splits["splits"]),
-        "stores": {"semantic": store.provenance},
+        "stores": {store_path.stem: store.provenance},
         "splits": [],
     }
     with built_beside(out_dir) as building:

@@ -167,11 +167,16 @@ def test_missing_images_are_counted_from_the_real_labels(project):
 
 
 def test_disk_verdict_counts_the_dvc_cache_copy(tmp_path):
+    """DVC's default cache (reflink,copy) holds each store twice on ext4; the project's link cache once."""
     free = shutil.disk_usage(tmp_path).free
     assert check_disk(tmp_path, 1).status == OK
     assert check_disk(tmp_path, int(free * 0.75)).status == WARN  # fits once, not with the cache copy
     missing = check_disk(tmp_path, free * 10)
     assert missing.status == MISSING and f"at {tmp_path}" in missing.detail  # features/ absent: its parent
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text((ROOT / ".dvc" / "config").read_text())
+    linked = check_disk(tmp_path, int(free * 0.75))
+    assert linked.status == OK and "held once" in linked.detail
 
 
 def test_semantic_weights_found_in_a_hub_cache(project):
@@ -209,15 +214,15 @@ def test_library_weights_found_in_a_hub_cache(project):
 
 
 def test_vlm_store_size_and_gpu_need_come_from_its_cached_config(project):
-    """The transformers VLM's width and size are read from its cached config.json and safetensors index;
-    until they are cached the store is not counted (WARN, the others still are) and its GPU need is 7B's."""
+    """A `vlms` entry's width and size are read from its cached config.json and safetensors index; until
+    they are cached the store is not counted (WARN, the others still are) and its GPU need is 7B's."""
     params = load(project)
-    params["encoders"] = ["vit", "vlm"]
+    params["encoders"], params["vlms"] = ["vit"], ["qwen2_5_vl"]
     extract = params["extract"]
     with pytest.raises(ValueError, match=r"hidden size of Qwen/Qwen2\.5-VL-7B-Instruct .* not cached"):
-        store_bytes("vlm", extract)
+        store_bytes("qwen2_5_vl", extract, "vlm")
     checks = by_name(run_checks(params, "paper", ["agiqa3k"], project))
-    assert checks["stores agiqa3k"].status == WARN and "vlm ?" in checks["stores agiqa3k"].detail
+    assert checks["stores agiqa3k"].status == WARN and "qwen2_5_vl ?" in checks["stores agiqa3k"].detail
     assert "vit 14.4 GB" in checks["stores agiqa3k"].detail
     config = json.dumps({"text_config": {"hidden_size": 3584}})
     index = json.dumps({"metadata": {"total_size": 16_000_000_000}, "weight_map": {"w": "model.safetensors"}})
@@ -226,8 +231,9 @@ def test_vlm_store_size_and_gpu_need_come_from_its_cached_config(project):
         "Qwen/Qwen2.5-VL-7B-Instruct",
         {"config.json": config, "model.safetensors.index.json": index},
     )
-    assert store_bytes("vlm", extract) == 2 * 3584 * 2
+    assert store_bytes("qwen2_5_vl", extract, "vlm") == 2 * 3584 * 2
     from pipeline.doctor import vlm_parameters
 
-    assert vlm_parameters(extract) == 8e9
-    assert required_gpu_gib(["vlm"], "bfloat16", 8e9) == pytest.approx(8e9 * 2 / 2**30 + 2.5)
+    assert vlm_parameters(extract["qwen2_5_vl"]) == 8e9
+    assert required_gpu_gib(["vit"], "bfloat16", [8e9]) == pytest.approx(8e9 * 2 / 2**30 + 2.5)
+    assert "weights qwen2_5_vl" in checks

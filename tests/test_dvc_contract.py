@@ -31,10 +31,15 @@ def _declared(stage: dict) -> set[str]:
     return {_normalise(p) for p in body.get("params", [])}
 
 
+def _module(stage_name: str) -> str:
+    """The module a stage runs (``python -m stages.<module>``)."""
+    return re.search(r"python -m (stages\.\w+)", DVC[stage_name].get("do", DVC[stage_name])["cmd"])[1]
+
+
 def _module_params(stage_name: str) -> tuple:
     if stage_name.startswith("train_"):
         return importlib.import_module("stages.train").PARAMS[stage_name.removeprefix("train_")]
-    return importlib.import_module(f"stages.{stage_name}").PARAMS
+    return importlib.import_module(_module(stage_name)).PARAMS
 
 
 @pytest.mark.parametrize("stage_name", sorted(DVC))
@@ -65,7 +70,7 @@ def test_stages_read_params_only_through_read_params(path):
 
 def test_params_name_registered_encoders_and_heads(params):
     assert set(params["encoders"]) <= set(list_encoders())
-    assert set(params["probe"]["encoders"]) <= set(params["encoders"])
+    assert set(params["probe"]["encoders"]) <= set(params["encoders"]) | set(params["vlms"])
     heads = set(list_heads())
     assert set(params["ma_agiqa"]["variants"]) <= heads
     assert set(params["ipiqa"]["variants"]) <= heads
@@ -88,7 +93,7 @@ def test_cli_has_a_command_for_every_stage():
 
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for stage in {s.split("_")[0] if s.startswith("train_") else s for s in DVC}:
+    for stage in {_module(s).removeprefix("stages.") for s in DVC}:
         assert f" {stage} " in result.output, stage
 
 

@@ -16,6 +16,11 @@ def image():
     return Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
 
 
+def _section(params, kind: str) -> dict:
+    """A kind's demo params: its own extract section, or for vlm the first `vlms` entry's."""
+    return params["extract"][params["vlms"][0] if kind == "vlm" else kind]
+
+
 class _Built(dict):
     """Builds each demo encoder on first use, once per module."""
 
@@ -24,7 +29,7 @@ class _Built(dict):
         self.params = params
 
     def __missing__(self, name):
-        self[name] = create_encoder(name, self.params["extract"][name], "demo")
+        self[name] = create_encoder(name, _section(self.params, name), "demo")
         return self[name]
 
 
@@ -47,7 +52,7 @@ def test_schema_provenance_and_determinism(name, encoders, params, image):
         assert np.isfinite(out[key]).all()
     assert not np.array_equal(out["features"][0], out["features"][1])
     json.dumps(enc.provenance())  # must be storable as attributes
-    again = create_encoder(name, params["extract"][name], "demo").encode(pixels, **asked)
+    again = create_encoder(name, _section(params, name), "demo").encode(pixels, **asked)
     np.testing.assert_array_equal(again["features"], out["features"])
 
 

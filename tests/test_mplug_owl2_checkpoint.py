@@ -79,6 +79,25 @@ def test_sharded_safetensors_and_bin_give_the_same_model(tiny_dir, tmp_path):
     assert weights_digest(tmp_path / "st") == weights_digest(tiny_dir) == state_digest(model.state_dict())
 
 
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "bin"])
+def test_streamed_tensors_equal_the_saved_ones_in_the_target_dtype(tmp_path, stored, safetensors):
+    saved = tiny_model(0).to(stored)
+    save_checkpoint(saved, tmp_path, safetensors=safetensors)
+    loaded = load_model(tmp_path, dtype=torch.bfloat16, lm_head=True)
+    want = {key: t.to(torch.bfloat16) for key, t in saved.state_dict().items()}
+    state = loaded.state_dict()
+    assert state.keys() == want.keys()
+    for key, tensor in state.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, want[key]), key
+    assert all(isinstance(p, torch.nn.Parameter) and not p.requires_grad for p in loaded.parameters())
+    for shard in [*tmp_path.glob("*.safetensors"), *tmp_path.glob("*.bin")]:  # the model owns its memory:
+        with shard.open("r+b") as f:  # rewriting the files in place does not change it
+            f.write(bytes(shard.stat().st_size))
+    for key, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, want[key]), key
+
+
 def test_single_file_bin(tiny_dir, tmp_path):
     shutil.copy(tiny_dir / "config.json", tmp_path)
     torch.save(tiny_model(0).state_dict(), tmp_path / "pytorch_model.bin")

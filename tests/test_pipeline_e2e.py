@@ -38,7 +38,7 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_writes_flat_metrics_for_every_run(repo):
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     runs = metrics["demo"]
-    for run in ("probe_vit", "probe_clip", "probe_semantic", "ma_agiqa", "ipiqa"):
+    for run in ("probe_vit", "probe_clip", "probe_semantic", "probe_qwen2_5_vl", "ma_agiqa", "ipiqa"):
         # MA-AGIQA trains quality alone, as the paper (ma_agiqa.outputs); the others add alignment
         assert set(runs[run]) - {"alignment"} == {"quality", "n_splits"}, run
         assert ("alignment" in runs[run]) == (run != "ma_agiqa"), run
@@ -174,9 +174,9 @@ def test_fusion_and_qa_token_experiments_retrain_only_their_heads(repo):
 
 
 def test_ma_agiqa_on_another_vlm_retrains_its_heads_and_extracts_nothing(repo):
-    """ma_agiqa.semantic_encoder switches MA-AGIQA's prompt experts to the transformers VLM's store,
-    which the DAG already extracted (encoders lists vlm): only the MA-AGIQA heads train again."""
-    out = _run(["dvc", "exp", "run", "-S", "ma_agiqa.semantic_encoder=vlm"], repo).stdout
+    """ma_agiqa.semantic_encoder switches MA-AGIQA's prompt experts to the store of the `vlms` entry
+    qwen2_5_vl, which the DAG already extracted: only the MA-AGIQA heads train again."""
+    out = _run(["dvc", "exp", "run", "-S", "ma_agiqa.semantic_encoder=qwen2_5_vl"], repo).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     assert not any(
         s.startswith(("extract", "prepare", "split", "train_probe", "train_ipiqa")) for s in ran
@@ -289,3 +289,25 @@ def test_adding_a_variant_or_dropping_an_encoder_retrains_nothing_that_exists(re
     out = _run(["dvc", "exp", "run", "-S", "probe.encoders=[vit,clip]"], repo).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     assert ran == {"evaluate@demo", "report"}, ran
+
+
+def test_a_second_vlm_entry_extracts_its_own_store_alone(repo):
+    """Two transformers VLMs side by side: a new `vlms` entry (a tiny LLaVA) gets its own extract stage
+    and store, and its probe trains; no other extract stage and no other head runs. (The file's last
+    test: it adds stages to the workspace's DAG.)"""
+    llava = (
+        "{checkpoint: llava-hf/llava-1.5-7b-hf, revision: main, prompts: [semantic_content, coherence], "
+        "pooling: mean, hidden_layer: -1, max_side: 1024, demo: {seed: 0, family: llava}}"
+    )
+    settings = ["vlms=[qwen2_5_vl,llava]", f"+extract.llava={llava}"]
+    settings.append("probe.encoders=[vit,clip,semantic,qwen2_5_vl,llava]")
+    out = _run(["dvc", "exp", "run", *[a for s in settings for a in ("-S", s)]], repo).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert {s for s in ran if s.startswith(("extract", "train"))} == {
+        "extract_vlm@demo-llava",
+        "train_probe@demo-llava",
+    }
+    with h5py.File(repo / "features" / "demo" / "llava.h5") as f:
+        assert json.loads(f.attrs["encoder"]) == "vlm" and "llava" in json.loads(f.attrs["model_type"])
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert {"probe_llava", "probe_qwen2_5_vl"} <= set(metrics["demo"])

@@ -192,13 +192,13 @@ def test_demo_provenance(cache: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
-        ({"pooling": "max"}, "extract.vlm.pooling"),
-        ({"prompts": []}, "extract.vlm.prompts"),
-        ({"prompts": ["fine", ""]}, "extract.vlm.prompts"),
-        ({"prompts": ["look at <|image_pad|>"]}, "extract.vlm.prompts"),
-        ({"hidden_layer": 3}, "extract.vlm.hidden_layer"),
-        ({"max_side": 0}, "extract.vlm.max_side"),
-        ({"demo": {"family": "mplug_owl2"}}, "extract.vlm.demo.family"),
+        ({"pooling": "max"}, "extract.<name>.pooling"),
+        ({"prompts": []}, "extract.<name>.prompts"),
+        ({"prompts": ["fine", ""]}, "extract.<name>.prompts"),
+        ({"prompts": ["look at <|image_pad|>"]}, "extract.<name>.prompts"),
+        ({"hidden_layer": 3}, "extract.<name>.hidden_layer"),
+        ({"max_side": 0}, "extract.<name>.max_side"),
+        ({"demo": {"family": "mplug_owl2"}}, "extract.<name>.demo.family"),
     ],
 )
 def test_bad_config_names_the_key(cache: Path, overrides: dict, key: str) -> None:
@@ -207,7 +207,7 @@ def test_bad_config_names_the_key(cache: Path, overrides: dict, key: str) -> Non
 
 
 def test_paper_profile_needs_a_checkpoint(cache: Path) -> None:
-    with pytest.raises(ValueError, match=r"extract\.vlm\.checkpoint"):
+    with pytest.raises(ValueError, match=r"extract\.<name>\.checkpoint"):
         create_encoder("vlm", demo_cfg(cache, "qwen2_vl", checkpoint=""), "paper")
-    with pytest.raises(ValueError, match=r"extract\.vlm\.checkpoint"):
+    with pytest.raises(ValueError, match=r"extract\.<name>\.checkpoint"):
         create_encoder("vlm", demo_cfg(cache, "qwen2_vl", checkpoint="not a repo id"), "paper")

@@ -98,7 +98,7 @@ def test_zeroshot_run_predicts_every_split_from_the_store(tmp_path):
         "splits": [{"train": ids[:6], "val": ids[6:8], "test": ids[8:]}, {"train": ids[4:], "test": ids[:4]}],
     }
     arrays = _store(tmp_path, manifest, ("qalign", "vqascore"))
-    zeroshot_run("toy", manifest, splits, tmp_path / "features", tmp_path / "runs" / "zeroshot")
+    zeroshot_run("toy", manifest, splits, tmp_path / "features/semantic.h5", tmp_path / "runs" / "zeroshot")
     pred = pd.read_csv(tmp_path / "runs" / "zeroshot" / "predictions.csv")
     assert sorted(set(zip(pred["split"], pred["part"], strict=True))) == [
         (0, "test"),
@@ -131,4 +131,6 @@ def test_a_store_without_zero_shot_outputs_is_named(tmp_path):
     _store(tmp_path, manifest, ())
     splits = {"protocol": "x", "params": {}, "hash": "0", "splits": [{"train": ids, "test": ids}]}
     with pytest.raises(NoZeroShot, match=r"semantic\.h5 holds no zero-shot outputs"):
-        zeroshot_run("toy", manifest, splits, tmp_path / "features", tmp_path / "runs" / "zeroshot")
+        zeroshot_run(
+            "toy", manifest, splits, tmp_path / "features/semantic.h5", tmp_path / "runs" / "zeroshot"
+        )

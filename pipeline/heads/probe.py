@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.encoders import PROMPT_FEATURES
 from pipeline.heads import register_head
 
 
@@ -56,12 +55,12 @@ def probe(
     n_outputs: int,
     input_shapes: dict[str, tuple[int, ...]],
     encoder: str,
+    per_prompt: bool = False,
     hidden: int = 256,
     dropout: float = 0.1,
 ) -> Probe:
-    """Probe on one store; semantic vectors (one per prompt) are concatenated, not averaged."""
+    """Probe on one store; ``per_prompt`` stores (one vector per named prompt: mPLUG-Owl2, a VLM) are
+    concatenated, not averaged."""
     if encoder not in input_shapes:
         raise KeyError(f"probe.encoder {encoder!r} has no features; available: {sorted(input_shapes)}")
-    return Probe(
-        encoder, input_shapes[encoder], n_outputs, hidden, dropout, flatten=encoder in PROMPT_FEATURES
-    )
+    return Probe(encoder, input_shapes[encoder], n_outputs, hidden, dropout, flatten=per_prompt)

@@ -1,9 +1,10 @@
 """`vlm` encoder: any transformers image-text-to-text model, one pooled LLM hidden state per prompt per image.
 
-`cfg` is the `extract.vlm` params section: `checkpoint` (hub id or local folder), `revision`, `prompts`
-(feature order: MA-AGIQA's names `semantic_content`, `coherence`, or any question verbatim), `pooling`
-(`mean` | `last` | `mean_visual` | `mean_text`, as the `semantic` encoder), `hidden_layer` (indexes
-`output_hidden_states`: 0 = embeddings, -1 = the final-normed last layer), `max_side` (default 1024),
+`cfg` is a `vlms` entry's params section, `extract.<name>`: `checkpoint` (hub id or local folder),
+`revision`, `prompts` (feature order: MA-AGIQA's names `semantic_content`, `coherence`, or any question
+verbatim), `pooling` (`mean` | `last` | `mean_visual` | `mean_text`, as the `semantic` encoder),
+`hidden_layer` (indexes `output_hidden_states`: 0 = embeddings, -1 = the final-normed last layer),
+`max_side` (default 1024),
 `demo: {family, seed, cache_dir}`. The demo profile builds a tiny random model of `demo.family` (see
 `tiny.FAMILIES`), saves it with `save_pretrained` under `demo.cache_dir` and loads it back through the loader
 of hub checkpoints.
@@ -96,15 +97,17 @@ def pool(h: Tensor, mask: Tensor, visual: Tensor, pooling: str) -> Tensor:
 class VlmEncoder(OomBackoff):
     def __init__(self, cfg: dict[str, Any], profile: str, device: str = "cpu", dtype: str = "float32"):
         compute_dtype = torch_dtype(dtype)
-        self.prompt_names, self.prompts = named_prompts(cfg, "vlm")
+        self.prompt_names, self.prompts = named_prompts(cfg, "<name>")
         self.pooling, self.hidden_layer = cfg.get("pooling", "mean"), int(cfg.get("hidden_layer", -1))
         if self.pooling not in POOLINGS:
             raise ValueError(
-                f"extract.vlm.pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}"
+                f"extract.<name>.pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}"
             )
         self.max_side = int(cfg.get("max_side", DEFAULT_MAX_SIDE))
         if self.max_side < 1:
-            raise ValueError(f"extract.vlm.max_side must be a positive number of pixels; got {self.max_side}")
+            raise ValueError(
+                f"extract.<name>.max_side must be a positive number of pixels; got {self.max_side}"
+            )
         self.profile, self.dtype = profile, dtype
 
         if profile == "demo":
@@ -116,7 +119,7 @@ class VlmEncoder(OomBackoff):
             self.source["checkpoint"] = f"tiny-random-{family}-seed{seed}"
         else:
             if not cfg.get("checkpoint"):
-                raise ValueError("extract.vlm.checkpoint is required (a hub id or a local folder)")
+                raise ValueError("extract.<name>.checkpoint is required (a hub id or a local folder)")
             checkpoint, revision = cfg["checkpoint"], cfg.get("revision")
             self.model, self.processor, self.source = load_vlm(checkpoint, revision, compute_dtype, device)
         self.device, self.compute_dtype = device, compute_dtype
@@ -125,7 +128,7 @@ class VlmEncoder(OomBackoff):
         n = text_config.num_hidden_layers
         if not -(n + 1) <= self.hidden_layer <= n:
             raise ValueError(
-                f"extract.vlm.hidden_layer {self.hidden_layer} out of range for {n + 1} hidden states"
+                f"extract.<name>.hidden_layer {self.hidden_layer} out of range for {n + 1} hidden states"
             )
         self.feature_dim = text_config.hidden_size
         self.image_token = getattr(self.processor, "image_token", None)
@@ -141,7 +144,7 @@ class VlmEncoder(OomBackoff):
         self.texts = [self._render(q) for q in self.prompts]
         self.zeroshot = [str(z) for z in cfg.get("zeroshot") or []]
         if self.zeroshot not in ([], ["vqascore"]):
-            raise ValueError(f"extract.vlm.zeroshot: only vqascore is offered, got {self.zeroshot}")
+            raise ValueError(f"extract.<name>.zeroshot: only vqascore is offered, got {self.zeroshot}")
         # The demo's byte-level tokenizers have no one-token words: a one-letter stand-in, recorded as such.
         self.yes_word = VQASCORE_ANSWER[0] if profile == "demo" else VQASCORE_ANSWER
         if self.zeroshot:
@@ -150,7 +153,7 @@ class VlmEncoder(OomBackoff):
     def _render(self, question: str) -> str:
         """The processor's chat template: one user turn, image then question, and the generation prompt."""
         if self.image_token in question:
-            raise ValueError(f"extract.vlm.prompts: {question!r} must not contain {self.image_token!r}")
+            raise ValueError(f"extract.<name>.prompts: {question!r} must not contain {self.image_token!r}")
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         text = self.processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
         if text.count(self.image_token) != 1:
@@ -210,7 +213,7 @@ class VlmEncoder(OomBackoff):
         out = {"features": self.features(images).cpu().numpy().astype(np.float16)}
         if self.zeroshot:
             if prompts is None or len(prompts) != len(images):
-                raise ValueError("extract.vlm.zeroshot has vqascore: encode needs each image's prompt")
+                raise ValueError("extract.<name>.zeroshot has vqascore: encode needs each image's prompt")
             out["vqascore"] = self.vqascore(images, prompts).cpu().numpy().reshape(-1, 1)
         return out
 

@@ -38,7 +38,7 @@ def load_vlm(
     source: str | Path, revision: str | None, dtype: torch.dtype, device: str
 ) -> tuple[PreTrainedModel, ProcessorMixin, dict[str, Any]]:
     """(model in eval mode on `device`, processor padding on the right, provenance of the weights)."""
-    folder, commit = hub_snapshot(source, revision, HUB_FILES, what="extract.vlm.checkpoint")
+    folder, commit = hub_snapshot(source, revision, HUB_FILES, what="extract.<name>.checkpoint")
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device).eval()
     model.requires_grad_(False)

@@ -227,7 +227,7 @@ FAMILIES: dict[str, Callable[[], tuple[PretrainedConfig, ProcessorMixin]]] = {
 def tiny_vlm(family: str, seed: int) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A random model of `family` (a key of FAMILIES) from `seed`, in float32 eval mode, and its processor."""
     if family not in FAMILIES:
-        raise ValueError(f"extract.vlm.demo.family must be one of {', '.join(FAMILIES)}; got {family!r}")
+        raise ValueError(f"extract.<name>.demo.family must be one of {', '.join(FAMILIES)}; got {family!r}")
     config, processor = FAMILIES[family]()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -4,18 +4,25 @@ The released checkpoint is 33 pickled shards `pytorch_model-{k}-of-33.bin` plus
 `pytorch_model.bin.index.json`; safetensors (single or sharded) are read too. Names map 1:1 onto
 `MplugOwl2`'s parameters, except the buffers the original stored but that are computed here (RoPE
 `inv_freq`, the abstractor's sin-cos tables) and `lm_head.weight` when logits are not wanted. Anything else
-missing or left over is an error naming the key. The model is built on the meta device and filled shard by
-shard, so host memory holds one shard at a time (plus the model itself when the target device is the CPU).
+missing or left over is an error naming the key.
+
+The model is built on the meta device and filled one tensor at a time: each weight file is memory-mapped,
+and every tensor is read, put on the target device in the target dtype and assigned before the next one is
+read. Host memory thus holds the loaded model (when the target is the CPU) plus the pages of the one file
+being read, never a full-precision copy of a shard or of the model (benchmarks/load_memory.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
 from pipeline.encoders.common import CheckpointError, combine_digests, hub_snapshot, tensor_digest
 
@@ -60,13 +67,45 @@ def weight_shards(directory: Path) -> tuple[Path, dict[str, list[str] | None]]:
     raise CheckpointError(f"{directory}: no weights (looked for {', '.join(INDEX_FILES + SINGLE_FILES)})")
 
 
-def read_shard(path: Path) -> dict[str, Tensor]:
+@contextmanager
+def open_shard(path: Path) -> Iterator[tuple[list[str], Callable[[str], Tensor]]]:
+    """A weight file's keys and a function reading one tensor by key, memory-mapped (nothing copied).
+
+    A tensor read is a view of the file's pages, so memory is only spent when it is used; the mapping is
+    released when the block exits and the caller holds no more of its tensors. A `.bin` tensor is dropped
+    from the loaded dict as it is read, so the caller's reference is the last one.
+    """
     if path.suffix == ".safetensors":
-        return load_file(path)
+        with safe_open(path, framework="pt", device="cpu") as f:
+            yield list(f.keys()), f.get_tensor
+        return
     tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(tensors, dict) or not all(isinstance(t, Tensor) for t in tensors.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors")
-    return tensors
+    try:
+        yield list(tensors), tensors.pop
+    finally:
+        tensors.clear()
+
+
+def place(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A new tensor of `tensor` in `dtype` on `device`, never aliasing the file it was read from.
+
+    To an accelerator: move, then cast there. A blocking `tensor.to(device, dtype)` converts on the host
+    first (a converted host copy of every tensor, made by the CPU); this way the host copies nothing and one
+    tensor in the stored precision is briefly on the device. On the CPU: one conversion copy out of the
+    mapped file, so the model owns its memory (it does not break when the file changes, nor page it back in
+    from disk later).
+    """
+    if device.type == "cpu":
+        return tensor.to(dtype=dtype, copy=True)
+    return tensor.to(device).to(dtype)
+
+
+def assign(model: nn.Module, key: str, tensor: Tensor) -> None:
+    """Replace the (meta) parameter `key` of `model` by `tensor`, as `load_state_dict(assign=True)`."""
+    module_name, _, name = key.rpartition(".")
+    setattr(model.get_submodule(module_name), name, nn.Parameter(tensor, requires_grad=False))
 
 
 def computed_keys(cfg: MplugOwl2Config) -> set[str]:
@@ -116,35 +155,36 @@ def load_model(
     index, shards = weight_shards(directory)
     if all(keys is not None for keys in shards.values()):  # fail before reading gigabytes
         _check_keys({k for keys in shards.values() for k in keys}, set(expected), ignored, str(index))
+    device = torch.device(device)
     loaded: set[str] = set()
     for file, listed in shards.items():
         path = directory / file
-        tensors = read_shard(path)
-        if listed is not None and set(tensors) != set(listed):
-            differ = _name_keys(set(tensors) ^ set(listed))
-            raise CheckpointError(f"{path}: its keys differ from what {index.name} lists: {differ}")
-        batch = {}
-        for key, tensor in tensors.items():
-            if key in ignored:
-                continue
-            if key not in expected:
-                raise CheckpointError(f"{path}: unexpected key {key!r} for this config")
-            if tensor.shape != expected[key]:
-                want = list(expected[key])
-                raise CheckpointError(f"{path}: {key} has shape {list(tensor.shape)}, expected {want}")
-            batch[key] = tensor.to(device=device, dtype=dtype)
-        model.load_state_dict(batch, strict=False, assign=True)
-        loaded |= batch.keys()
-        del tensors, batch
+        with open_shard(path) as (keys, read):
+            if listed is not None and set(keys) != set(listed):
+                differ = _name_keys(set(keys) ^ set(listed))
+                raise CheckpointError(f"{path}: its keys differ from what {index.name} lists: {differ}")
+            for key in keys:
+                if key in ignored:
+                    continue
+                if key not in expected:
+                    raise CheckpointError(f"{path}: unexpected key {key!r} for this config")
+                tensor = read(key)
+                if tensor.shape != expected[key]:
+                    want = list(expected[key])
+                    raise CheckpointError(f"{path}: {key} has shape {list(tensor.shape)}, expected {want}")
+                assign(model, key, place(tensor, device, dtype))
+                del tensor  # the last reference to the mapped source: it may be unmapped with the file
+                loaded.add(key)
     _check_keys(loaded, set(expected), set(), str(index))
     return model.requires_grad_(False).eval()
 
 
 def weights_digest(directory: Path) -> str:
-    """`state_digest` of a checkpoint's stored tensors, read shard by shard; any sharding or format."""
+    """`state_digest` of a checkpoint's stored tensors, read tensor by tensor; any sharding or format."""
     hashes = {}
     for file in weight_shards(directory)[1]:
-        hashes |= {key: tensor_digest(key, t) for key, t in read_shard(directory / file).items()}
+        with open_shard(directory / file) as (keys, read):
+            hashes |= {key: tensor_digest(key, read(key)) for key in keys}
     return combine_digests(hashes)
 
 
