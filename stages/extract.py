@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -147,8 +148,8 @@ def main(
     if part is None and rt["processes"] > 1:
         return launch(rt["processes"])
     manifest = read_manifest(manifest_path)
-    ids = manifest["image_id"].tolist()
-    batch_size = p["extract.batch_size"]
+    ids, batch_size = manifest["image_id"].tolist(), p["extract.batch_size"]
+    label = f"{dataset}/{encoder}"
     known = {
         "dataset": dataset,
         "manifest_hash": manifest_hash(manifest),
@@ -156,12 +157,7 @@ def main(
         "config": {"cfg": p["extract.{encoder}"], "dtype": p["extract.dtype"]},  # how to rebuild it: score
     }
     if part is None and shard_folder(out).exists():  # array tasks wrote the shards: merge them
-        try:
-            count = merge(out, ids, batch_size, known, rt["chunk_rows"])
-        except ShardError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
-        return typer.echo(f"{dataset}/{encoder}: merged {count} shards into {out}")
+        return merge_shards(label, out, ids, batch_size, known, rt["chunk_rows"])
     device = resolve_device(rt["device"])
     if part is not None and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
@@ -171,36 +167,51 @@ def main(
         cfg = {**cfg, "image_tower": tower}
     enc = create_encoder(kind or encoder, cfg, p["profile"], device=device, dtype=p["extract.dtype"])
     provenance = {**enc.provenance(), **known, "code": code_identity(device)}
+    run = partial(compute, enc, manifest=manifest, images=images, rt=rt, batch_size=batch_size, device=device)
     if part is None:
-        todo = compute(enc, out, provenance, (0, len(ids)), manifest, images, rt, batch_size, device)
+        todo = run(out, provenance, (0, len(ids)))
         return typer.echo(
-            f"{dataset}/{encoder}: computed {todo} of {len(ids)} rows "
-            f"({len(ids) - todo} resumed from {out}.partial)"
+            f"{label}: computed {todo} of {len(ids)} rows ({len(ids) - todo} resumed from {out}.partial)"
         )
     rows = part.rows(len(ids), batch_size)
-    path = part.path(out)
-    shard_provenance = {**provenance, SHARD_KEY: part.record(len(ids), batch_size)}
-    try:
-        FeatureStore(path, expect=shard_provenance).close()
-        todo = 0  # finished by an earlier run of this shard
-    except FileNotFoundError:
-        todo = compute(enc, path, shard_provenance, rows, manifest, images, rt, batch_size, device)
-    except StoreMismatch as e:
-        set_aside(path, str(e))
-        todo = compute(enc, path, shard_provenance, rows, manifest, images, rt, batch_size, device)
-    typer.echo(
-        f"{dataset}/{encoder}: shard {part.index}/{part.count} computed {todo} of {rows[1] - rows[0]} rows"
+    todo = compute_shard(
+        run, part.path(out), {**provenance, SHARD_KEY: part.record(len(ids), batch_size)}, rows
     )
-    if "WORLD_SIZE" in os.environ:  # torchrun: once every rank is done, rank 0 merges
+    typer.echo(f"{label}: shard {part.index}/{part.count} computed {todo} of {rows[1] - rows[0]} rows")
+    if shard is None:  # a torchrun rank: once every rank is done, rank 0 merges
         import torch.distributed as dist
 
         dist.init_process_group("gloo", timeout=timedelta(days=7))  # ranks may finish hours apart
         dist.barrier()
         if part.index == 0:
-            count = merge(out, ids, batch_size, provenance, rt["chunk_rows"])
-            typer.echo(f"{dataset}/{encoder}: merged {count} shards into {out}")
+            merge_shards(label, out, ids, batch_size, provenance, rt["chunk_rows"])
         dist.barrier()
         dist.destroy_process_group()
+
+
+def compute_shard(run, path: Path, provenance: dict, rows: tuple[int, int]) -> int:
+    """A shard's rows into ``path``, unless an earlier run finished it with this provenance; one made
+    with other provenance is set aside. Returns the rows computed."""
+    try:
+        FeatureStore(path, expect=provenance).close()
+        return 0
+    except FileNotFoundError:
+        pass
+    except StoreMismatch as e:
+        set_aside(path, str(e))
+    return run(path, provenance, rows)
+
+
+def merge_shards(
+    label: str, out: Path, ids: list[str], batch_size: int, expect: dict, chunk_rows: int
+) -> None:
+    """``pipeline.shards.merge``, with a refused shard as a one-line error (exit 1), not a traceback."""
+    try:
+        count = merge(out, ids, batch_size, expect, chunk_rows)
+    except ShardError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{label}: merged {count} shards into {out}")
 
 
 if __name__ == "__main__":
