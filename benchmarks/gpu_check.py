@@ -555,13 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     s = DRY if args.dry_run else GPU
+    if s.threads:
+        torch.set_num_threads(s.threads)
     if args.rank_worker is not None:
-        torch.set_num_threads(s.threads or torch.get_num_threads())
         return rank_worker(s, args.rank_worker) or 0
     if s.device == "cuda" and not torch.cuda.is_available():
         parser.error("torch sees no GPU; --dry-run runs the same code on CPU")
-    if s.threads:
-        torch.set_num_threads(s.threads)
     if s.device == "cuda":
         torch.cuda.init()  # the context's start-up counts before the first section, not in it
     result: dict[str, Any] = {

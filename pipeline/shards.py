@@ -16,12 +16,10 @@ params, manifest, package version, or a source file changed since), naming the f
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import numpy as np
 
 import pipeline
 from pipeline.provenance import ROOT, source_files
-from pipeline.store import AUTO_KEYS, FeatureStore, StoreWriter
+from pipeline.store import AUTO_KEYS, FeatureStore, StoreMismatch, StoreWriter
 
 SHARD_KEY = "shard"
 COPY_BYTES = 64 << 20  # rows copied per merge step
@@ -110,18 +108,20 @@ def _found(folder: Path) -> dict[int, dict[int, Path]]:
     return found
 
 
-def _stale(store: FeatureStore, expect: dict[str, Any]) -> list[str]:
-    prov, canonical = store.provenance, partial(json.dumps, sort_keys=True)
-    reasons = [
-        f"{key} is {canonical(prov.get(key))}, now {canonical(value)}"
-        for key, value in expect.items()
-        if canonical(prov.get(key)) != canonical(value)
-    ]
-    if prov.get("package_version") != pipeline.__version__:
-        reasons.append(f"package_version is {prov.get('package_version')}, now {pipeline.__version__}")
-    if changed := _changed_sources(prov[SHARD_KEY]["sources"]):
-        reasons.append(f"changed since: {', '.join(changed)}")
-    return reasons
+def _open_checked(path: Path, expect: dict[str, Any]) -> FeatureStore:
+    """A finished shard whose provenance matches ``expect`` (compared as the store compares it) and
+    whose recorded source files are unchanged; ``ShardError`` naming every reason otherwise."""
+    try:
+        store = FeatureStore(path, expect={**expect, "package_version": pipeline.__version__})
+    except StoreMismatch as e:
+        reasons = [f"{key} is {found}, now {wanted}" for key, (wanted, found) in e.diffs.items()]
+        raise ShardError(f"{path}: stale shard ({'; '.join(reasons)}); delete it and recompute it") from None
+    if changed := _changed_sources(store.provenance[SHARD_KEY]["sources"]):
+        store.close()
+        raise ShardError(
+            f"{path}: stale shard (changed since: {', '.join(changed)}); delete it and recompute it"
+        )
+    return store
 
 
 def merge(out: Path, ids: list[str], batch_size: int, expect: dict[str, Any], chunk_rows: int = 64) -> int:
@@ -150,32 +150,32 @@ def merge(out: Path, ids: list[str], batch_size: int, expect: dict[str, Any], ch
             f"{folder}: cannot merge, shard(s) {', '.join(absent)}; run `python -m stages.extract ... "
             f"--shard i/{count}` for each (an unfinished one resumes), then merge again"
         )
-    stores = [FeatureStore(files[i]) for i in range(count)]
+    blocks = [Shard(i, count).rows(len(ids), batch_size) for i in range(count)]
+    stores: list[FeatureStore] = []
     try:
+        for i in range(count):
+            stores.append(_open_checked(files[i], expect))
         first = {k: v for k, v in stores[0].provenance.items() if k != SHARD_KEY}
-        for i, store in enumerate(stores):
-            if reasons := _stale(store, expect):
-                raise ShardError(
-                    f"{files[i]}: stale shard ({'; '.join(reasons)}); delete it and recompute it"
-                )
+        for i, (store, (start, stop)) in enumerate(zip(stores, blocks, strict=True)):
             prov = {k: v for k, v in store.provenance.items() if k != SHARD_KEY}
             if differ := sorted(k for k in {*prov, *first} if prov.get(k) != first.get(k)):
                 raise ShardError(f"{files[i]}: differs from {files[0].name} in {', '.join(differ)}")
-            start, stop = Shard(i, count).rows(len(ids), batch_size)
             if store.ids != ids[start:stop]:
                 raise ShardError(f"{files[i]}: its image ids are not rows {start}:{stop} of the manifest")
         provenance = {k: v for k, v in first.items() if k not in AUTO_KEYS}
         schema = {name: (tuple(shape), dtype) for name, (shape, dtype) in first["schema"].items()}
         extras = {name: stores[0].read_all(name) for name in stores[0].extras}
+        row_bytes = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in schema.values())
+        step = max(1, COPY_BYTES // max(1, row_bytes))
         with StoreWriter(out, ids, provenance, schema, chunk_rows=chunk_rows, extras=extras) as writer:
-            for i, store in enumerate(stores):
-                offset = Shard(i, count).rows(len(ids), batch_size)[0]
-                row_bytes = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in schema.values())
-                step = max(1, COPY_BYTES // max(1, row_bytes))
-                for lo in range(0, len(store), step):
-                    rows = np.arange(lo, min(lo + step, len(store)))
-                    arrays = {name: store.read_rows(name, rows) for name in schema}
-                    writer.write(offset + lo, offset + rows[-1] + 1, arrays)
+            for store, (start, stop) in zip(stores, blocks, strict=True):
+                for lo in range(start, stop, step):
+                    hi = min(lo + step, stop)
+                    writer.write(
+                        lo,
+                        hi,
+                        {name: store.read_rows(name, np.arange(lo - start, hi - start)) for name in schema},
+                    )
     finally:
         for store in stores:
             store.close()
